@@ -1,0 +1,1 @@
+"""mqfed broker package."""

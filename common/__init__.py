@@ -1,0 +1,1 @@
+"""mqfed common package."""

@@ -1,0 +1,1 @@
+"""mqfed coordinator package."""
