@@ -1,0 +1,51 @@
+"""Structured logging (structlog) shared by every mqfed process.
+
+`configure()` is called once by each CLI entry point; library code only calls `get_logger(__name__)`.
+Output is one JSON object per line when `json=True` (daemons under systemd or in containers), or
+readable key=value lines on a terminal.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import structlog
+
+
+def configure(level: str | None = None, json: bool | None = None) -> None:
+    """Set up structlog and the stdlib root logger.
+
+    level: a logging level name; defaults to $MQFED_LOG_LEVEL or INFO.
+    json: JSON lines; defaults to $MQFED_LOG_JSON=1, else JSON when stderr is not a terminal.
+    """
+    level_name = (level or os.environ.get("MQFED_LOG_LEVEL", "INFO")).upper()
+    numeric = logging.getLevelName(level_name)
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level_name!r}")
+    if json is None:
+        env = os.environ.get("MQFED_LOG_JSON")
+        json = env == "1" if env is not None else not sys.stderr.isatty()
+    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(message)s")
+    logging.getLogger("pika").setLevel(max(numeric, logging.WARNING))
+    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str | None = None, **bound) -> structlog.typing.FilteringBoundLogger:
+    """A structlog logger bound to `logger=name` and any extra key/values."""
+    log = structlog.get_logger()
+    if name:
+        bound = {"logger": name, **bound}
+    return log.bind(**bound) if bound else log
