@@ -1,0 +1,357 @@
+"""Chunked transfer: a payload of any size crosses the broker as messages below its size limit.
+
+Sender (`publish_chunked`): splits the payload into `chunk_size` pieces and publishes each, under publisher
+confirms, with headers naming the transfer, the chunk index and count, the total size, the chunk size, the
+sha256 of the whole payload and a crc32 of the chunk.
+
+Receiver (`Reassembler`, pure: no broker): `add(headers, body, token)` stores a chunk at its offset, so
+reordered chunks are fine and duplicates are recognised and dropped. Memory stays bounded: a transfer larger
+than `spill_threshold` is written to a spool file (one chunk in memory at a time); the sha256 is computed
+incrementally over the contiguous prefix. Acknowledgement tokens (e.g. AMQP delivery tags) are handed back
+in `AddResult.ack` only once the chunk is durably handled: written (and fsynced) to the spool file, or, for
+an in-memory transfer, once the whole transfer is complete and verified. Errors name the transfer and
+carry the tokens the caller should now reject.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import os
+import tempfile
+import time
+import uuid
+import zlib
+from typing import Any, BinaryIO, Callable, Iterator
+
+DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
+H_TRANSFER, H_INDEX, H_COUNT = "mqfed-transfer", "mqfed-chunk", "mqfed-chunks"
+H_SIZE, H_CHUNK_SIZE, H_SHA256, H_CRC = "mqfed-size", "mqfed-chunk-size", "mqfed-sha256", "mqfed-crc32"
+_READ_BLOCK = 1024 * 1024
+
+
+class ChunkError(Exception):
+    """Base of chunked-transfer errors; `tokens` are the acknowledgement tokens to reject."""
+
+    def __init__(self, message: str, transfer_id: str | None = None, tokens: list | None = None):
+        super().__init__(message)
+        self.transfer_id = transfer_id
+        self.tokens = tokens or []
+
+
+class InvalidChunk(ChunkError):
+    """A chunk's headers are missing, malformed, or disagree with the transfer's earlier chunks."""
+
+
+class CorruptTransfer(ChunkError):
+    """A chunk's crc32 or the whole payload's sha256 does not match."""
+
+
+class IncompleteTransfer(ChunkError):
+    """A transfer made no progress within its timeout; `missing` lists the chunk indexes never seen."""
+
+    def __init__(self, message: str, transfer_id: str, tokens: list, missing: list[int]):
+        super().__init__(message, transfer_id, tokens)
+        self.missing = missing
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferInfo:
+    transfer_id: str
+    num_chunks: int
+    size: int
+    sha256: str
+    chunk_size: int
+
+
+def _sha256_of(source: bytes | str | os.PathLike) -> tuple[int, str]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return len(source), hashlib.sha256(source).hexdigest()
+    h, size = hashlib.sha256(), 0
+    with open(source, "rb") as f:
+        while block := f.read(_READ_BLOCK):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
+
+
+def iter_chunks(source: bytes | str | os.PathLike, chunk_size: int) -> Iterator[bytes | memoryview]:
+    """Yield the payload in pieces of `chunk_size` (the last may be shorter; an empty payload yields one empty chunk)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        view = memoryview(source)
+        if len(view) == 0:
+            yield b""
+        for start in range(0, len(view), chunk_size):
+            yield view[start:start + chunk_size]
+        return
+    with open(source, "rb") as f:
+        first = True
+        while (block := f.read(chunk_size)) or first:
+            first = False
+            yield block
+            if len(block) < chunk_size:
+                break
+
+
+def chunk_headers(info: TransferInfo, index: int, chunk: bytes | memoryview) -> dict[str, Any]:
+    return {
+        H_TRANSFER: info.transfer_id, H_INDEX: index, H_COUNT: info.num_chunks, H_SIZE: info.size,
+        H_CHUNK_SIZE: info.chunk_size, H_SHA256: info.sha256, H_CRC: zlib.crc32(chunk),
+    }
+
+
+def publish_chunked(
+    publish: Callable[[bytes | memoryview, dict[str, Any]], None],
+    source: bytes | str | os.PathLike,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    transfer_id: str | None = None,
+    headers: dict[str, Any] | None = None,
+) -> TransferInfo:
+    """Send `source` (bytes or a file path) as chunks through `publish(body, headers)`.
+
+    `publish` must return only once the broker confirmed the message (e.g. pika BlockingChannel with
+    `confirm_delivery()`; it raises on nack/unroutable). `headers` are added to every chunk's headers.
+    """
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    size, digest = _sha256_of(source)
+    info = TransferInfo(transfer_id or uuid.uuid4().hex, max(1, -(-size // chunk_size)), size, digest, chunk_size)
+    for index, chunk in enumerate(iter_chunks(source, chunk_size)):
+        publish(chunk, {**(headers or {}), **chunk_headers(info, index, chunk)})
+    return info
+
+
+def is_chunk(headers: dict | None) -> bool:
+    return bool(headers) and H_TRANSFER in headers
+
+
+@dataclasses.dataclass
+class CompletedTransfer:
+    """A verified payload: in memory (`data`) or in a spool file (`path`, deleted by `close()`)."""
+
+    transfer_id: str
+    size: int
+    sha256: str
+    headers: dict[str, Any]
+    data: bytes | None = None
+    path: str | None = None
+
+    def read_bytes(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def save_to(self, dest: str | os.PathLike) -> None:
+        """Move/write the payload to `dest` atomically (rename from a temp file beside it)."""
+        dest = os.fspath(dest)
+        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+        tmp = f"{dest}.{uuid.uuid4().hex}.part"
+        if self.path is not None:
+            try:
+                os.replace(self.path, dest)
+                self.path = dest
+                return
+            except OSError:  # other file system: copy below
+                pass
+        with open(tmp, "wb") as out:
+            if self.data is not None:
+                out.write(self.data)
+            else:
+                with open(self.path, "rb") as f:
+                    while block := f.read(_READ_BLOCK):
+                        out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+
+    def close(self) -> None:
+        if self.path is not None and os.path.basename(self.path).startswith("mqfed-spool-"):
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+@dataclasses.dataclass
+class AddResult:
+    complete: CompletedTransfer | None
+    ack: list
+    duplicate: bool = False
+
+
+class _Assembly:
+    def __init__(self, tid: str, headers: dict, spill: bool, spool_dir: str | None, now: float):
+        self.tid = tid
+        self.count, self.size = headers[H_COUNT], headers[H_SIZE]
+        self.chunk_size, self.sha256 = headers[H_CHUNK_SIZE], headers[H_SHA256]
+        self.first_headers = {k: v for k, v in headers.items() if not k.startswith("mqfed-")}
+        self.received: dict[int, int] = {}  # index -> crc32
+        self.held_tokens: list = []
+        self.hasher, self.hashed = hashlib.sha256(), 0  # chunks hashed so far (contiguous prefix)
+        self.last_progress = now
+        self.buffer: bytearray | None = None
+        self.file: BinaryIO | None = None
+        self.path: str | None = None
+        if spill:
+            fd, self.path = tempfile.mkstemp(prefix="mqfed-spool-", suffix=".part", dir=spool_dir)
+            self.file = os.fdopen(fd, "r+b")
+        else:
+            self.buffer = bytearray(self.size)
+
+    def chunk_len(self, index: int) -> int:
+        return min(self.chunk_size, self.size - index * self.chunk_size) if self.size else 0
+
+    def store(self, index: int, body: bytes | memoryview, fsync: bool) -> None:
+        offset = index * self.chunk_size
+        if self.buffer is not None:
+            self.buffer[offset:offset + len(body)] = body
+        else:
+            os.pwrite(self.file.fileno(), body, offset)
+            if fsync:
+                os.fsync(self.file.fileno())
+        if index == self.hashed:
+            self.hasher.update(body)
+            self.hashed += 1
+            self._hash_stored()
+
+    def _hash_stored(self) -> None:
+        while self.hashed < self.count and self.hashed in self.received:
+            offset, n = self.hashed * self.chunk_size, self.chunk_len(self.hashed)
+            if self.buffer is not None:
+                self.hasher.update(memoryview(self.buffer)[offset:offset + n])
+            else:
+                pos = offset
+                while pos < offset + n:
+                    block = os.pread(self.file.fileno(), min(_READ_BLOCK, offset + n - pos), pos)
+                    self.hasher.update(block)
+                    pos += len(block)
+            self.hashed += 1
+
+    def discard(self) -> None:
+        self.buffer = None
+        if self.file is not None:
+            self.file.close()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class Reassembler:
+    """Reassembles chunked transfers; pure (no broker), see the module doc.
+
+    spill_threshold: transfers larger than this many bytes are spooled to disk under `spool_dir`.
+    timeout_s: a transfer with no new chunk for this long is reported by `expire()`.
+    fsync: fsync the spool file before handing back a chunk's token.
+    """
+
+    def __init__(self, spill_threshold: int = 64 * 1024 * 1024, spool_dir: str | None = None,
+                 timeout_s: float = 120.0, fsync: bool = True, clock: Callable[[], float] = time.monotonic):
+        self.spill_threshold, self.spool_dir, self.timeout_s = spill_threshold, spool_dir, timeout_s
+        self.fsync, self.clock = fsync, clock
+        self._open: dict[str, _Assembly] = {}
+        self._done: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    @property
+    def open_transfers(self) -> list[str]:
+        return list(self._open)
+
+    def _validate(self, headers: dict | None, body) -> tuple[str, int]:
+        if not is_chunk(headers):
+            raise InvalidChunk("message is not a chunk (no mqfed-transfer header)")
+        try:
+            tid, index, count = headers[H_TRANSFER], headers[H_INDEX], headers[H_COUNT]
+            size, csize, digest, crc = headers[H_SIZE], headers[H_CHUNK_SIZE], headers[H_SHA256], headers[H_CRC]
+        except KeyError as exc:
+            raise InvalidChunk(f"chunk lacks header {exc}", headers.get(H_TRANSFER)) from None
+        tid = tid.decode() if isinstance(tid, bytes) else tid
+        digest = digest.decode() if isinstance(digest, bytes) else digest
+        headers[H_TRANSFER], headers[H_SHA256] = tid, digest
+        ints = (index, count, size, csize, crc)
+        if not isinstance(tid, str) or not isinstance(digest, str) or not all(isinstance(v, int) for v in ints):
+            raise InvalidChunk("chunk headers have wrong types", str(tid))
+        if count < 1 or csize < 1 or size < 0 or not 0 <= index < count or max(1, -(-size // csize)) != count:
+            raise InvalidChunk(f"chunk {index}/{count} of size {size} (chunks of {csize}) is inconsistent", tid)
+        return tid, index
+
+    def add(self, headers: dict | None, body: bytes | memoryview, token: Any = None) -> AddResult:
+        """Store one chunk. Returns the completed transfer (verified) when this was the last missing chunk.
+
+        Raises InvalidChunk (bad/inconsistent headers, wrong length) or CorruptTransfer (crc32 or sha256
+        mismatch; the transfer is dropped and all its held tokens are in the error).
+        """
+        headers = dict(headers or {})
+        tid, index = self._validate(headers, body)
+        if tid in self._done:
+            return AddResult(None, [token], duplicate=True)
+        asm = self._open.get(tid)
+        if asm is None:
+            asm = _Assembly(tid, headers, headers[H_SIZE] > self.spill_threshold, self.spool_dir, self.clock())
+            self._open[tid] = asm
+        elif (headers[H_COUNT], headers[H_SIZE], headers[H_CHUNK_SIZE], headers[H_SHA256]) != (
+                asm.count, asm.size, asm.chunk_size, asm.sha256):
+            raise InvalidChunk(f"chunk {index} disagrees with earlier chunks of transfer {tid}", tid, [token])
+        if len(body) != asm.chunk_len(index):
+            raise InvalidChunk(f"chunk {index} of {tid} has {len(body)} bytes, expected {asm.chunk_len(index)}",
+                               tid, [token])
+        crc = zlib.crc32(body)
+        if crc != headers[H_CRC]:
+            tokens = self._drop(tid) + [token]
+            raise CorruptTransfer(f"transfer {tid}: chunk {index} is corrupt (crc32 mismatch)", tid, tokens)
+        if index in asm.received:
+            return AddResult(None, [token], duplicate=True)
+        asm.store(index, body, self.fsync)
+        asm.received[index] = crc
+        asm._hash_stored()
+        asm.last_progress = self.clock()
+        ack: list = []
+        if asm.buffer is not None:
+            asm.held_tokens.append(token)
+        else:
+            ack.append(token)
+        if len(asm.received) < asm.count:
+            return AddResult(None, ack)
+        del self._open[tid]
+        ack += asm.held_tokens
+        if asm.hasher.hexdigest() != asm.sha256:
+            asm.discard()
+            raise CorruptTransfer(f"transfer {tid}: sha256 of the reassembled payload does not match", tid, ack)
+        self._remember(tid)
+        if asm.buffer is not None:
+            done = CompletedTransfer(tid, asm.size, asm.sha256, asm.first_headers, data=bytes(asm.buffer))
+        else:
+            asm.file.flush()
+            asm.file.close()
+            done = CompletedTransfer(tid, asm.size, asm.sha256, asm.first_headers, path=asm.path)
+        return AddResult(done, ack)
+
+    def expire(self) -> list[IncompleteTransfer]:
+        """Drop transfers without progress for `timeout_s`; return one IncompleteTransfer per dropped transfer."""
+        now, out = self.clock(), []
+        for tid, asm in list(self._open.items()):
+            if now - asm.last_progress >= self.timeout_s:
+                missing = [i for i in range(asm.count) if i not in asm.received]
+                tokens = self._drop(tid)
+                out.append(IncompleteTransfer(
+                    f"transfer {tid}: {len(missing)} of {asm.count} chunks missing after {self.timeout_s:.0f}s "
+                    f"(first missing: {missing[:5]})", tid, tokens, missing))
+        return out
+
+    def _drop(self, tid: str) -> list:
+        asm = self._open.pop(tid, None)
+        if asm is None:
+            return []
+        asm.discard()
+        self._remember(tid)
+        return asm.held_tokens
+
+    def _remember(self, tid: str) -> None:
+        self._done[tid] = None
+        while len(self._done) > 4096:
+            self._done.popitem(last=False)
+
+    def close(self) -> None:
+        for tid in list(self._open):
+            self._drop(tid)

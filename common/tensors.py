@@ -1,0 +1,103 @@
+"""Tensor wire framing: a state dict (name -> torch.Tensor) as raw little-endian buffers.
+
+Layout: ``b"MQT1"`` | u32 LE header length | msgpack header | buffers.
+The header is a list of ``[name, dtype, shape, offset, nbytes]``; offsets are relative to the start of the
+buffer section and must tile it exactly (no gaps, no overlap, nothing after the last tensor). Decoding
+checks every declared size against dtype x shape and against the actual bytes, so a lying header raises
+`TensorFormatError` instead of reading garbage. Values round-trip bit-exactly (bf16/fp16 included).
+"""
+from __future__ import annotations
+
+import math
+import struct
+import sys
+
+import msgpack
+import torch
+
+MAGIC = b"MQT1"
+_MAX_HEADER = 16 * 1024 * 1024
+DTYPES: dict[str, torch.dtype] = {
+    "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64,
+    "i8": torch.int8, "u8": torch.uint8, "i16": torch.int16, "i32": torch.int32, "i64": torch.int64,
+    "bool": torch.bool,
+}
+_NAME_OF = {v: k for k, v in DTYPES.items()}
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+    raise ImportError("common.tensors assumes a little-endian host")
+
+
+class TensorFormatError(ValueError):
+    """The bytes are not a valid tensor frame (bad magic, lying sizes, unknown dtype...)."""
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype is torch.bool:
+        t = t.to(torch.uint8)
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def encode_state(state: dict[str, torch.Tensor]) -> bytes:
+    """Encode name -> tensor into one bytes object (see module doc for the layout)."""
+    header, blobs, offset = [], [], 0
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+        if t.dtype not in _NAME_OF:
+            raise TypeError(f"{name}: dtype {t.dtype} is not supported on the wire")
+        raw = _raw(t)
+        header.append([name, _NAME_OF[t.dtype], list(t.shape), offset, len(raw)])
+        blobs.append(raw)
+        offset += len(raw)
+    head = msgpack.packb(header, use_bin_type=True)
+    return b"".join([MAGIC, struct.pack("<I", len(head)), head, *blobs])
+
+
+def decode_state(data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
+    """Decode bytes from `encode_state`; raises TensorFormatError on any inconsistency."""
+    view = memoryview(data)
+    if len(view) < 8 or bytes(view[:4]) != MAGIC:
+        raise TensorFormatError("not a tensor frame (bad magic)")
+    (head_len,) = struct.unpack("<I", view[4:8])
+    if head_len > _MAX_HEADER or 8 + head_len > len(view):
+        raise TensorFormatError(f"header length {head_len} exceeds the frame of {len(view)} bytes")
+    try:
+        header = msgpack.unpackb(view[8:8 + head_len], raw=False, max_bin_len=0, max_str_len=65536)
+    except Exception as exc:
+        raise TensorFormatError(f"unreadable tensor header: {exc}") from None
+    if not isinstance(header, list):
+        raise TensorFormatError("tensor header is not a list")
+    body = view[8 + head_len:]
+    expected_offset = 0
+    out: dict[str, torch.Tensor] = {}
+    for entry in header:
+        if not (isinstance(entry, list) and len(entry) == 5):
+            raise TensorFormatError(f"bad header entry {entry!r:.80}")
+        name, dname, shape, offset, nbytes = entry
+        if not isinstance(name, str) or name in out:
+            raise TensorFormatError(f"bad or duplicate tensor name {name!r:.80}")
+        if dname not in DTYPES:
+            raise TensorFormatError(f"{name}: unknown dtype {dname!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise TensorFormatError(f"{name}: bad shape {shape!r:.80}")
+        dtype = DTYPES[dname]
+        itemsize = 1 if dtype is torch.bool else torch.empty((), dtype=dtype).element_size()
+        want = math.prod(shape) * itemsize
+        if nbytes != want:
+            raise TensorFormatError(f"{name}: declares {nbytes} bytes but {dname}{shape} needs {want}")
+        if offset != expected_offset:
+            raise TensorFormatError(f"{name}: offset {offset} where {expected_offset} was expected")
+        if offset + nbytes > len(body):
+            raise TensorFormatError(f"{name}: needs bytes up to {offset + nbytes}, frame has {len(body)}")
+        raw = bytearray(body[offset:offset + nbytes])
+        flat = torch.frombuffer(raw, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+        t = flat.view(torch.uint8 if dtype is torch.bool else dtype)
+        if dtype is torch.bool:
+            t = t.to(torch.bool)
+        out[name] = t.reshape(shape)
+        expected_offset = offset + nbytes
+    if expected_offset != len(body):
+        raise TensorFormatError(f"{len(body) - expected_offset} unexplained bytes after the last tensor")
+    return out

@@ -1,0 +1,63 @@
+import struct
+
+import msgpack
+import pytest
+import torch
+
+from common.tensors import TensorFormatError, decode_state, encode_state
+
+
+def _state():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "w32": torch.randn(4, 5, generator=g),
+        "wbf16": torch.randn(7, generator=g).bfloat16(),
+        "wf16": torch.randn(3, 3, generator=g).half(),
+        "q8": torch.randint(-128, 127, (11,), dtype=torch.int8, generator=g),
+        "u8": torch.randint(0, 255, (2, 2), dtype=torch.uint8, generator=g),
+        "i32": torch.randint(-(2**31), 2**31 - 1, (5,), dtype=torch.int32, generator=g),
+        "i64": torch.tensor([2**62, -1]),
+        "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 4),
+        "noncontig": torch.randn(4, 6, generator=g).t(),
+    }
+
+
+def test_every_dtype_round_trips_bit_exactly():
+    state = _state()
+    out = decode_state(encode_state(state))
+    assert list(out) == list(state)
+    for k in state:
+        assert out[k].dtype == state[k].dtype and out[k].shape == state[k].shape
+        assert torch.equal(out[k], state[k]), k
+
+
+def test_nan_payload_bits_survive():
+    t = torch.tensor([float("nan"), float("inf"), -0.0])
+    out = decode_state(encode_state({"t": t}))["t"]
+    assert out.view(torch.int32).tolist() == t.view(torch.int32).tolist()
+
+
+def _with_header(data, mutate):
+    (n,) = struct.unpack("<I", data[4:8])
+    header = msgpack.unpackb(data[8:8 + n])
+    mutate(header)
+    head = msgpack.packb(header)
+    return data[:4] + struct.pack("<I", len(head)) + head + data[8 + n:]
+
+
+def test_lying_sizes_are_rejected():
+    data = encode_state({"a": torch.zeros(4), "b": torch.zeros(2)})
+    with pytest.raises(TensorFormatError, match="needs"):
+        decode_state(_with_header(data, lambda h: h[0].__setitem__(2, [400])))
+    with pytest.raises(TensorFormatError, match="declares"):
+        decode_state(_with_header(data, lambda h: h[0].__setitem__(4, 8)))
+    with pytest.raises(TensorFormatError):
+        decode_state(data[:-1])
+    with pytest.raises(TensorFormatError, match="unexplained"):
+        decode_state(data + b"\x00")
+    with pytest.raises(TensorFormatError, match="magic"):
+        decode_state(b"XXXX" + data[4:])
+    with pytest.raises(TensorFormatError, match="header length"):
+        decode_state(data[:4] + struct.pack("<I", 10**7) + data[8:])
