@@ -1,0 +1,544 @@
+"""The FedBuff aggregator (Nguyen et al., "Federated Learning with Buffered Asynchronous Aggregation",
+AISTATS 2022) as pure code: values in, values out; no broker, no disk, no clock.
+
+Delta direction
+---------------
+A client update carries ``delta = trained - base``: the client's parameters after local training minus
+the global parameters of version ``base_version`` it started from (the direction the client moved, the
+same convention as FLSim's async aggregators). The buffer accumulates weighted deltas; the server
+optimizer (coordinator/server_optim.py) receives the weighted mean ``d`` and sets ``param.grad = -d``
+before ``optimizer.step()``, so ``sgd`` with ``lr = 1`` gives ``param + d``.
+
+Weighting and normalisation
+---------------------------
+An update ``i`` with staleness ``s_i = version - base_version`` and ``n_i`` samples gets
+
+    p_i = n_i if config.sample_weighting else 1        (its share of the buffer)
+    w_i = staleness_weight(s_i) * p_i                   (what multiplies delta_i in the buffer)
+    d   = sum_i w_i * delta_i / sum_i p_i               (the delta handed to the server optimizer)
+
+The normaliser is the sum of the *sample* weights, not of ``w_i``. Without sample weighting it is the
+buffer size ``K``, exactly the paper's ``(1/K) * sum_i s(tau_i) * delta_i``, so staleness discounting
+shrinks the whole step when the buffer is stale instead of cancelling out. With sample weighting and no
+staleness (synchronous FedAvg) it is the sample-weighted mean of the client models. See
+docs/aggregation.md for the reasoning.
+
+Validation, staleness and idempotency
+-------------------------------------
+``Aggregator.add`` checks an update before it touches the buffer and raises ``UpdateRejected`` with a
+reason code (``REASONS``); every rejection is counted. An update whose key ``(experiment, task_id,
+worker_id, base_version)`` was already accepted returns ``"duplicate"`` and is counted, never applied
+twice. Only floating-point entries of the model state aggregate; non-float entries (integer counters,
+boolean masks) are never sent by clients and are left unchanged by the server.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Mapping, Protocol, TypeGuard, Union
+
+import torch
+
+from common.logs import get_logger
+from coordinator.server_optim import ServerOptimizer, ServerOptimizerConfig
+from coordinator.staleness import STALENESS_WEIGHTINGS, make_staleness_weight
+
+log = get_logger(__name__)
+
+#: Reason codes carried by UpdateRejected (and counted in Aggregator.counters["rejected"]).
+REASONS = (
+    "experiment",      # the update belongs to another experiment
+    "future_version",  # base_version is newer than the server's version
+    "stale",           # staleness above config.max_staleness
+    "unknown_param",   # a name the model does not have
+    "missing_param",   # a floating-point parameter of the model has no delta
+    "not_float",       # a delta for a non-floating-point model entry (those never aggregate)
+    "shape",           # shape differs from the parameter's (sparse: bad indices/values layout too)
+    "dtype",           # dtype differs from the parameter's (sparse: indices not int64)
+    "index",           # a sparse index outside [0, numel)
+    "nan",             # a NaN or infinite value
+    "norm",            # L2 norm of the whole update above config.max_update_norm
+    "num_samples",     # num_samples < 1
+)
+
+
+class UpdateRejected(ValueError):
+    """An update failed validation and was not buffered. ``reason`` is one of ``REASONS``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SparseTensor:
+    """A sparse delta for one tensor: ``values[j]`` is added at flat (row-major) position ``indices[j]``.
+
+    indices: 1-D int64 tensor of flat indices into a tensor of ``shape`` (repeats are summed).
+    values: 1-D tensor, same length as ``indices``, of the parameter's dtype.
+    shape: the dense tensor's shape.
+
+    The aggregator adds it into its dense buffer with ``index_add_`` and never builds a dense copy. (The
+    aggregator recognises any object with ``indices``, ``values`` and ``shape`` attributes, so a codec in
+    ``common`` can define its own equivalent.)
+    """
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, ...]
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense tensor (for tests and debugging; the aggregator does not call it)."""
+        out = torch.zeros(math.prod(self.shape), dtype=self.values.dtype, device=self.values.device)
+        out.index_add_(0, self.indices, self.values)
+        return out.reshape(self.shape)
+
+
+class SparseLike(Protocol):
+    """Anything shaped like SparseTensor (a codec's own sparse type qualifies)."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, ...]
+
+
+DeltaValue = Union[torch.Tensor, SparseLike]
+
+
+def _is_sparse(x: object) -> TypeGuard[SparseLike]:
+    return not isinstance(x, torch.Tensor) and all(hasattr(x, a) for a in ("indices", "values", "shape"))
+
+
+@dataclass(frozen=True)
+class UpdateKey:
+    """What makes an update unique: redeliveries of the same update carry the same key."""
+
+    experiment: str
+    task_id: str
+    worker_id: str
+    base_version: int
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's contribution: ``delta[name] = trained[name] - base[name]`` for every float parameter.
+
+    num_samples: how many training examples the client used (the sample weight ``n_i``).
+    """
+
+    experiment: str
+    task_id: str
+    worker_id: str
+    base_version: int
+    num_samples: int
+    delta: Mapping[str, DeltaValue]
+
+    @property
+    def key(self) -> UpdateKey:
+        return UpdateKey(self.experiment, self.task_id, self.worker_id, self.base_version)
+
+
+class AppliedKeys:
+    """The set of update keys already accepted, for at-most-once application under redelivery.
+
+    ``prune(below)`` forgets keys whose base version is below ``below``: with a finite ``max_staleness``
+    such updates are rejected as stale anyway, so the set stays bounded.
+    """
+
+    def __init__(self, keys: Iterable[UpdateKey] = ()) -> None:
+        self._keys: set[UpdateKey] = set(keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, key: UpdateKey) -> bool:
+        """Record ``key``; returns False if it was already there."""
+        if key in self._keys:
+            return False
+        self._keys.add(key)
+        return True
+
+    def prune(self, below_version: int) -> int:
+        """Forget keys with ``base_version < below_version``; returns how many were dropped."""
+        old = {k for k in self._keys if k.base_version < below_version}
+        self._keys -= old
+        return len(old)
+
+    def state_dict(self) -> list[list]:
+        """Sorted ``[experiment, task_id, worker_id, base_version]`` lists (msgpack/JSON friendly)."""
+        return sorted([k.experiment, k.task_id, k.worker_id, k.base_version] for k in self._keys)
+
+    def load_state_dict(self, state: Iterable[Iterable]) -> None:
+        self._keys = {UpdateKey(str(e), str(t), str(w), int(v)) for e, t, w, v in state}
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """FedBuff settings, validated once at construction (errors name the field).
+
+    buffer_size: K, accepted updates per server step (>= 1).
+    max_staleness: updates with ``s > max_staleness`` are dropped and counted (>= 0); None = no limit.
+    staleness: staleness weighting name (``coordinator.staleness.STALENESS_WEIGHTINGS``).
+    staleness_a, staleness_b: the weighting's parameters (>= 0); polynomial uses ``a``, hinge ``a`` and ``b``.
+    sample_weighting: weight each update by its ``num_samples``.
+    max_update_norm: reject updates whose global L2 norm exceeds this (> 0); None = no bound.
+    experiment: if set, updates for another experiment are rejected (reason ``experiment``).
+    """
+
+    buffer_size: int = 10
+    max_staleness: int | None = 20
+    staleness: str = "polynomial"
+    staleness_a: float = 0.5
+    staleness_b: float = 0.0
+    sample_weighting: bool = True
+    max_update_norm: float | None = None
+    experiment: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.buffer_size, bool) or not isinstance(self.buffer_size, int) or self.buffer_size < 1:
+            raise ValueError(f"AggregatorConfig.buffer_size must be an int >= 1, got {self.buffer_size!r}")
+        if self.max_staleness is not None and (
+            isinstance(self.max_staleness, bool) or not isinstance(self.max_staleness, int) or self.max_staleness < 0
+        ):
+            raise ValueError(f"AggregatorConfig.max_staleness must be an int >= 0 or None, got {self.max_staleness!r}")
+        if self.staleness not in STALENESS_WEIGHTINGS:
+            known = ", ".join(sorted(STALENESS_WEIGHTINGS))
+            raise ValueError(f"AggregatorConfig.staleness: unknown weighting {self.staleness!r} (known: {known})")
+        for name in ("staleness_a", "staleness_b"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"AggregatorConfig.{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.sample_weighting, bool):
+            raise ValueError(f"AggregatorConfig.sample_weighting must be a bool, got {self.sample_weighting!r}")
+        if self.max_update_norm is not None and (
+            isinstance(self.max_update_norm, bool)
+            or not isinstance(self.max_update_norm, (int, float))
+            or not self.max_update_norm > 0
+            or math.isnan(self.max_update_norm)
+        ):
+            raise ValueError(f"AggregatorConfig.max_update_norm must be > 0 or None, got {self.max_update_norm!r}")
+
+    @classmethod
+    def synchronous(cls, concurrency: int, **overrides) -> "AggregatorConfig":
+        """Synchronous FedAvg on the same machinery: K = concurrency, no staleness, constant weighting."""
+        settings = dict(buffer_size=concurrency, max_staleness=0, staleness="constant", sample_weighting=True)
+        settings.update(overrides)
+        return cls(**settings)
+
+
+@dataclass(frozen=True)
+class AggregationRecord:
+    """What one server step applied.
+
+    version: the new global version (after the step).
+    staleness, worker_ids, task_ids, num_samples, weights: per applied update, in arrival order;
+        ``weights[i] = staleness_weight(staleness[i]) * (num_samples[i] if sample weighting else 1)``.
+    normalizer: ``sum_i (num_samples[i] if sample weighting else 1)``; the applied delta is
+        ``sum_i weights[i] * delta_i / normalizer``.
+    delta_norm: L2 norm of that applied (mean) delta.
+    """
+
+    version: int
+    staleness: tuple[int, ...]
+    worker_ids: tuple[str, ...]
+    task_ids: tuple[str, ...]
+    num_samples: tuple[int, ...]
+    weights: tuple[float, ...]
+    normalizer: float
+    delta_norm: float
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """Outcome of ``Aggregator.add``: status ``accepted`` or ``duplicate``; ``record`` when a step was taken."""
+
+    status: str
+    staleness: int | None = None
+    weight: float | None = None
+    record: AggregationRecord | None = None
+
+
+@dataclass
+class _Contribution:
+    key: UpdateKey
+    staleness: int
+    num_samples: int
+    weight: float
+    share: float
+
+
+def _new_counters() -> dict:
+    return {"accepted": 0, "duplicates": 0, "applied_updates": 0, "steps": 0, "rejected": {}}
+
+
+class Aggregator:
+    """The FedBuff buffer in front of a server optimizer.
+
+    global_state: the model's state (name -> tensor). Floating-point entries are the parameters the
+        server updates, in place; the aggregator keeps references, so the caller sees every step. Other
+        entries are left unchanged.
+    config, optimizer: see AggregatorConfig, ServerOptimizerConfig.
+    version: the version ``global_state`` has (0 for a fresh model).
+    """
+
+    def __init__(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        config: AggregatorConfig | None = None,
+        optimizer: ServerOptimizerConfig | None = None,
+        version: int = 0,
+    ) -> None:
+        self.config = config or AggregatorConfig()
+        self.state = dict(global_state)
+        self.params = {n: t for n, t in self.state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+        self.optimizer = ServerOptimizer(self.params, optimizer or ServerOptimizerConfig())
+        self.version = int(version)
+        self.applied_keys = AppliedKeys()
+        self.counters = _new_counters()
+        self._weight_fn = make_staleness_weight(self.config.staleness, self.config.staleness_a, self.config.staleness_b)
+        self._buffer: dict[str, torch.Tensor] | None = None
+        self._contributions: list[_Contribution] = []
+
+    # -- public API ---------------------------------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """How many accepted updates wait in the buffer."""
+        return len(self._contributions)
+
+    def staleness_weight(self, staleness: int) -> float:
+        return self._weight_fn(staleness)
+
+    def validate(self, update: ClientUpdate) -> int:
+        """Check ``update`` against the model and config without changing anything; returns its staleness.
+
+        Raises UpdateRejected (not counted here; ``add`` counts) for the first problem found.
+        """
+        cfg = self.config
+        if cfg.experiment is not None and update.experiment != cfg.experiment:
+            raise UpdateRejected("experiment", f"update is for {update.experiment!r}, not {cfg.experiment!r}")
+        if isinstance(update.num_samples, bool) or not isinstance(update.num_samples, int) or update.num_samples < 1:
+            raise UpdateRejected("num_samples", f"num_samples must be an int >= 1, got {update.num_samples!r}")
+        staleness = self.version - update.base_version
+        if staleness < 0:
+            raise UpdateRejected(
+                "future_version", f"base_version {update.base_version} is newer than server version {self.version}"
+            )
+        if cfg.max_staleness is not None and staleness > cfg.max_staleness:
+            raise UpdateRejected("stale", f"staleness {staleness} > max_staleness {cfg.max_staleness}")
+        delta = update.delta
+        for name in delta:
+            if name not in self.state:
+                raise UpdateRejected("unknown_param", f"{name!r} is not a parameter of the model")
+            if name not in self.params:
+                raise UpdateRejected("not_float", f"{name!r} is not a floating-point parameter; it never aggregates")
+        missing = [n for n in self.params if n not in delta]
+        if missing:
+            raise UpdateRejected("missing_param", f"no delta for {len(missing)} parameter(s), first {missing[0]!r}")
+        sq_norm = 0.0
+        for name, value in delta.items():
+            sq_norm += self._check_tensor(name, value, self.params[name])
+        if cfg.max_update_norm is not None:
+            norm = math.sqrt(sq_norm)
+            if not norm <= cfg.max_update_norm:
+                raise UpdateRejected("norm", f"update L2 norm {norm:.6g} > max_update_norm {cfg.max_update_norm:.6g}")
+        return staleness
+
+    def add(self, update: ClientUpdate) -> AddResult:
+        """Validate and buffer ``update``; take a server step when the buffer holds K updates.
+
+        Returns ``AddResult("duplicate")`` if the update's key was already accepted (counted, not applied),
+        otherwise ``AddResult("accepted", staleness, weight, record)`` with ``record`` set when this update
+        completed the buffer. Raises UpdateRejected (counted) when validation fails; the buffer is
+        untouched then.
+        """
+        key = update.key
+        if key in self.applied_keys:
+            self.counters["duplicates"] += 1
+            log.info("update_duplicate", **asdict(key))
+            return AddResult("duplicate")
+        try:
+            staleness = self.validate(update)
+        except UpdateRejected as exc:
+            rejected = self.counters["rejected"]
+            rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
+            log.warning("update_rejected", reason=exc.reason, detail=exc.message, **asdict(key))
+            raise
+        share = float(update.num_samples) if self.config.sample_weighting else 1.0
+        weight = self._weight_fn(staleness) * share
+        self._accumulate(update.delta, weight)
+        self.applied_keys.add(key)
+        self._contributions.append(_Contribution(key, staleness, update.num_samples, weight, share))
+        self.counters["accepted"] += 1
+        log.debug("update_buffered", staleness=staleness, weight=weight, buffered=self.buffered, **asdict(key))
+        record = self.aggregate() if self.buffered >= self.config.buffer_size else None
+        return AddResult("accepted", staleness=staleness, weight=weight, record=record)
+
+    def aggregate(self) -> AggregationRecord:
+        """Apply the buffered weighted mean through the server optimizer now, bump the version, clear the buffer.
+
+        ``add`` calls this when K updates are buffered; call it directly to flush a partial buffer (for
+        example at the end of an experiment). Raises RuntimeError when the buffer is empty.
+        """
+        if not self._contributions or self._buffer is None:
+            raise RuntimeError("aggregate: the buffer is empty")
+        normalizer = sum(c.share for c in self._contributions)
+        mean = {n: b / normalizer for n, b in self._buffer.items()}
+        delta_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in mean.values()))
+        self.optimizer.step(mean)
+        self.version += 1
+        contributions = self._contributions
+        record = AggregationRecord(
+            version=self.version,
+            staleness=tuple(c.staleness for c in contributions),
+            worker_ids=tuple(c.key.worker_id for c in contributions),
+            task_ids=tuple(c.key.task_id for c in contributions),
+            num_samples=tuple(c.num_samples for c in contributions),
+            weights=tuple(c.weight for c in contributions),
+            normalizer=normalizer,
+            delta_norm=delta_norm,
+        )
+        self._contributions = []
+        for b in self._buffer.values():
+            b.zero_()
+        self.counters["steps"] += 1
+        self.counters["applied_updates"] += len(contributions)
+        if self.config.max_staleness is not None:
+            self.applied_keys.prune(self.version - self.config.max_staleness)
+        log.info(
+            "server_step",
+            version=self.version,
+            updates=len(contributions),
+            staleness=list(record.staleness),
+            delta_norm=delta_norm,
+        )
+        return record
+
+    def state_dict(self, include_model: bool = True) -> dict:
+        """Everything needed to resume exactly: version, buffer, counters, applied keys, optimizer state.
+
+        include_model: also copy the global state (leave it out when the checkpoint stores the model
+            elsewhere and the resumed Aggregator is built from that copy). Tensors are cloned.
+        """
+        state = {
+            "format": 1,
+            "config": asdict(self.config),
+            "version": self.version,
+            "counters": {**self.counters, "rejected": dict(self.counters["rejected"])},
+            "applied_keys": self.applied_keys.state_dict(),
+            "contributions": [
+                [c.key.experiment, c.key.task_id, c.key.worker_id, c.key.base_version, c.staleness, c.num_samples, c.weight, c.share]
+                for c in self._contributions
+            ],
+            "buffer": (
+                {n: b.detach().clone() for n, b in self._buffer.items()}
+                if self._contributions and self._buffer is not None
+                else {}
+            ),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        if include_model:
+            state["model"] = {n: t.detach().clone() for n, t in self.state.items()}
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore a ``state_dict``. The model entries (if saved) are copied into the existing tensors in place.
+
+        The config is this object's own (a resumed run may change K or the weighting); the saved config is
+        kept in the state only for inspection. Raises ValueError when names or shapes do not match.
+        """
+        if state.get("format") != 1:
+            raise ValueError(f"unsupported aggregator state format {state.get('format')!r}")
+        model = state.get("model")
+        if model is not None:
+            if set(model) != set(self.state):
+                raise ValueError("aggregator state: saved model has different entries")
+            for name, saved in model.items():
+                if tuple(saved.shape) != tuple(self.state[name].shape):
+                    raise ValueError(f"aggregator state: {name!r} shape {tuple(saved.shape)} differs from the model's")
+        buffer = state.get("buffer") or {}
+        if buffer and set(buffer) != set(self.params):
+            raise ValueError("aggregator state: buffer names differ from the model's float parameters")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if model is not None:
+            with torch.no_grad():
+                for name, saved in model.items():
+                    self.state[name].copy_(saved)
+        self.version = int(state["version"])
+        counters = state["counters"]
+        self.counters = {**_new_counters(), **counters, "rejected": dict(counters.get("rejected", {}))}
+        self.applied_keys.load_state_dict(state["applied_keys"])
+        self._contributions = [
+            _Contribution(UpdateKey(str(e), str(t), str(w), int(v)), int(s), int(n), float(wt), float(sh))
+            for e, t, w, v, s, n, wt, sh in state["contributions"]
+        ]
+        if buffer:
+            target = self._ensure_buffer()
+            for name, saved in buffer.items():
+                target[name].copy_(saved)
+        elif self._buffer is not None:
+            for b in self._buffer.values():
+                b.zero_()
+
+    # -- internals ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_tensor(name: str, value: object, param: torch.Tensor) -> float:
+        """Validate one delta entry; returns its squared L2 norm (float64 accumulation)."""
+        if _is_sparse(value):
+            indices, values, shape = value.indices, value.values, tuple(value.shape)
+            if not isinstance(indices, torch.Tensor) or not isinstance(values, torch.Tensor):
+                raise UpdateRejected("shape", f"{name!r}: sparse indices and values must be tensors")
+            if shape != tuple(param.shape):
+                raise UpdateRejected("shape", f"{name!r}: sparse shape {shape}, expected {tuple(param.shape)}")
+            if indices.dtype != torch.int64:
+                raise UpdateRejected("dtype", f"{name!r}: sparse indices are {indices.dtype}, expected torch.int64")
+            if values.dtype != param.dtype:
+                raise UpdateRejected("dtype", f"{name!r}: values are {values.dtype}, expected {param.dtype}")
+            if indices.dim() != 1 or values.dim() != 1 or indices.numel() != values.numel():
+                raise UpdateRejected("shape", f"{name!r}: sparse indices and values must be 1-D of equal length")
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= param.numel()):
+                raise UpdateRejected("index", f"{name!r}: sparse index outside [0, {param.numel()})")
+            if not bool(torch.isfinite(values).all()):
+                raise UpdateRejected("nan", f"{name!r}: non-finite values")
+            if indices.numel() == 0:
+                return 0.0
+            # Repeated indices sum, so the norm is that of the coalesced vector (O(nnz), no dense copy).
+            unique, inverse = torch.unique(indices, return_inverse=True)
+            coalesced = torch.zeros(unique.numel(), dtype=torch.float64, device=values.device)
+            coalesced.index_add_(0, inverse, values.double())
+            return float(coalesced.pow(2).sum())
+        if not isinstance(value, torch.Tensor):
+            raise UpdateRejected("dtype", f"{name!r}: expected a tensor or SparseTensor, got {type(value).__name__}")
+        if tuple(value.shape) != tuple(param.shape):
+            raise UpdateRejected("shape", f"{name!r}: shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+        if value.dtype != param.dtype:
+            raise UpdateRejected("dtype", f"{name!r}: dtype {value.dtype}, expected {param.dtype}")
+        if not bool(torch.isfinite(value).all()):
+            raise UpdateRejected("nan", f"{name!r}: non-finite values")
+        return float(value.double().pow(2).sum())
+
+    def _ensure_buffer(self) -> dict[str, torch.Tensor]:
+        if self._buffer is None:
+            # Accumulate in at least float32 so fp16/bf16 parameters do not lose the sum.
+            self._buffer = {
+                n: torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+                for n, p in self.params.items()
+            }
+        return self._buffer
+
+    def _accumulate(self, delta: Mapping[str, DeltaValue], weight: float) -> None:
+        buffer = self._ensure_buffer()
+        with torch.no_grad():
+            for name, value in delta.items():
+                buf = buffer[name]
+                if _is_sparse(value):
+                    values = value.values.to(device=buf.device, dtype=buf.dtype)
+                    indices = value.indices.to(buf.device)
+                    buf.view(-1).index_add_(0, indices, values, alpha=weight)
+                else:
+                    buf.add_(value.to(device=buf.device, dtype=buf.dtype), alpha=weight)

@@ -1,0 +1,170 @@
+"""Server optimizers: apply the aggregated client delta to the global model with ``torch.optim``.
+
+Following FLSim (flsim/optimizers/async_aggregators.py), the server does no optimizer math itself. The
+aggregated delta ``d`` (``trained - base``, the direction a client moved its copy of the model; see
+coordinator/aggregator.py) is a *descent* direction, so it is the negation of a pseudo-gradient:
+
+    param.grad = -d
+    optimizer.step()          # a torch.optim optimizer with the server learning rate
+
+With ``sgd`` this is ``param <- param + lr * d``: at ``lr = 1.0`` the global model becomes exactly the
+(weighted) mean of the client models, i.e. FedAvg. ``momentum`` is ``torch.optim.SGD`` with momentum
+(FedAvgM, Hsu et al. 2019) and ``fedadam`` is ``torch.optim.Adam`` (FedAdam, Reddi et al. 2021, "Adaptive
+Federated Optimization"; torch's Adam also applies bias correction, which the paper's Algorithm 2 omits:
+with it the first step moves every coordinate by ``lr * d / (|d| + eps)``, i.e. about ``lr``).
+
+The optimizer updates the tensors it is given *in place* (under ``torch.no_grad``); they must be
+floating-point leaf tensors. The choice is a plain dict from name to factory, ``SERVER_OPTIMIZERS``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+
+@dataclass(frozen=True)
+class ServerOptimizerConfig:
+    """How the server applies the aggregated delta.
+
+    name: ``sgd`` | ``momentum`` | ``fedadam`` (see ``SERVER_OPTIMIZERS``).
+    lr: the server learning rate (> 0). ``sgd`` with ``lr = 1.0`` is plain FedAvg/FedBuff.
+    momentum: used by ``momentum`` only, in ``[0, 1)``.
+    nesterov: Nesterov momentum, ``momentum`` only.
+    beta1, beta2: Adam's decay rates, ``fedadam`` only, each in ``[0, 1)``.
+    eps: Adam's denominator term (``tau`` in Reddi et al.), ``fedadam`` only, > 0. Reddi et al. tune it
+        in ``[1e-7, 1e-1]``; larger values make the step less adaptive. Default ``1e-3`` after their
+        recommendation.
+    """
+
+    name: str = "sgd"
+    lr: float = 1.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.name not in SERVER_OPTIMIZERS:
+            known = ", ".join(sorted(SERVER_OPTIMIZERS))
+            raise ValueError(f"ServerOptimizerConfig.name: unknown server optimizer {self.name!r} (known: {known})")
+        _positive("lr", self.lr)
+        _unit_interval("momentum", self.momentum)
+        _unit_interval("beta1", self.beta1)
+        _unit_interval("beta2", self.beta2)
+        _positive("eps", self.eps)
+        if not isinstance(self.nesterov, bool):
+            raise TypeError("ServerOptimizerConfig.nesterov must be a bool")
+        if self.name == "momentum" and self.nesterov and self.momentum == 0:
+            raise ValueError("ServerOptimizerConfig.nesterov needs momentum > 0")
+
+
+def _number(field: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"ServerOptimizerConfig.{field} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _positive(field: str, value: float) -> None:
+    if _number(field, value) <= 0:
+        raise ValueError(f"ServerOptimizerConfig.{field} must be > 0, got {value!r}")
+
+
+def _unit_interval(field: str, value: float) -> None:
+    if not 0 <= _number(field, value) < 1:
+        raise ValueError(f"ServerOptimizerConfig.{field} must be in [0, 1), got {value!r}")
+
+
+def _sgd(params: list[torch.Tensor], cfg: ServerOptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.0)
+
+
+def _momentum(params: list[torch.Tensor], cfg: ServerOptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def _fedadam(params: list[torch.Tensor], cfg: ServerOptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+SERVER_OPTIMIZERS: dict[str, Callable[[list[torch.Tensor], ServerOptimizerConfig], torch.optim.Optimizer]] = {
+    "sgd": _sgd,
+    "momentum": _momentum,
+    "fedadam": _fedadam,
+}
+
+
+class ServerOptimizer:
+    """A ``torch.optim`` optimizer bound to the global model's floating-point tensors.
+
+    params: name -> tensor, updated in place by ``step``. The names fix the order used in
+        ``state_dict`` (torch's optimizer state is keyed by position), so a resumed server must be built
+        with the same names; ``load_state_dict`` checks this.
+    """
+
+    def __init__(self, params: Mapping[str, torch.Tensor], config: ServerOptimizerConfig) -> None:
+        self.config = config
+        self._names = list(params)
+        self._params = [params[n] for n in self._names]
+        for name, p in zip(self._names, self._params):
+            if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+                raise TypeError(f"server optimizer parameter {name!r} must be a floating-point tensor")
+        if not self._params:
+            raise ValueError("server optimizer needs at least one floating-point parameter")
+        self._optimizer = SERVER_OPTIMIZERS[config.name](self._params, config)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def step(self, delta: Mapping[str, torch.Tensor]) -> None:
+        """Move the parameters along ``delta`` (``trained - base`` direction) through the optimizer.
+
+        delta: name -> tensor for every parameter name (same shapes; cast to each parameter's dtype and
+            device). Raises KeyError naming a missing parameter, ValueError on a shape mismatch; nothing is
+            changed in either case.
+        """
+        grads = []
+        for name, p in zip(self._names, self._params):
+            if name not in delta:
+                raise KeyError(f"server step: no delta for parameter {name!r}")
+            d = delta[name]
+            if tuple(d.shape) != tuple(p.shape):
+                raise ValueError(f"server step: delta {name!r} has shape {tuple(d.shape)}, expected {tuple(p.shape)}")
+            grads.append(d.detach().to(device=p.device, dtype=p.dtype).neg())
+        for p, g in zip(self._params, grads):
+            p.grad = g
+        try:
+            self._optimizer.step()
+        finally:
+            for p in self._params:
+                p.grad = None
+
+    def state_dict(self) -> dict:
+        """A deep copy of the optimizer state (safe to keep while stepping on): config name, names, torch state."""
+        return {
+            "name": self.config.name,
+            "names": list(self._names),
+            "torch": copy.deepcopy(self._optimizer.state_dict()),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore a ``state_dict``; raises ValueError if it was taken from another optimizer or parameter set.
+
+        The learning rate and other hyper-parameters come from this object's config, not from the saved
+        state, so a resumed run may change them deliberately.
+        """
+        if state.get("name") != self.config.name:
+            raise ValueError(f"optimizer state is for {state.get('name')!r}, this server uses {self.config.name!r}")
+        if list(state.get("names", [])) != self._names:
+            raise ValueError("optimizer state was saved for a different set of parameters")
+        torch_state = copy.deepcopy(dict(state["torch"]))
+        groups = []
+        for saved, current in zip(torch_state["param_groups"], self._optimizer.state_dict()["param_groups"]):
+            groups.append({**current, "params": saved["params"]})
+        torch_state["param_groups"] = groups
+        self._optimizer.load_state_dict(torch_state)
