@@ -1,0 +1,111 @@
+"""Consume wire messages (and the chunked payloads they reference) from one queue, robustly.
+
+- A chunk (headers carry `mqfed-transfer`) goes to a `Reassembler`; its delivery is acked once the
+  reassembler says it is durably handled. A completed payload waits (by transfer id) for the message that
+  references it (`Update.payload.transfer_id`).
+- Any other body is decoded with `common.messages.decode`. Malformed msgpack, an unknown type or schema
+  version, a corrupt/incomplete transfer, or a handler raising `MessageError` is rejected with
+  `basic_nack(requeue=False)`, so it ends in the queue's dead-letter exchange, with one clear log line; the
+  consumer keeps running. Other handler exceptions propagate (the message is then redelivered).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import pika
+
+from common import messages
+from common.chunks import ChunkError, CompletedTransfer, Reassembler, is_chunk
+from common.logs import get_logger
+
+log = get_logger(__name__)
+Handler = Callable[[messages.Message, "CompletedTransfer | None"], None]
+
+
+@dataclasses.dataclass
+class ConsumerStats:
+    messages: int = 0
+    chunks: int = 0
+    dead_lettered: int = 0
+
+
+class MessageConsumer:
+    """Consume `queue` on `channel`, calling `handler(message, payload)` for every valid message.
+
+    prefetch: unacked deliveries the broker may push (bounds memory: prefetch x chunk size).
+    reassembler: where chunks go (default: spill above 64 MiB to the temp dir).
+    """
+
+    def __init__(self, channel, queue: str, handler: Handler, prefetch: int = 4,
+                 reassembler: Reassembler | None = None, consumer_tag: str | None = None):
+        self.channel, self.queue, self.handler = channel, queue, handler
+        self.reassembler = reassembler or Reassembler()
+        self.payloads: dict[str, CompletedTransfer] = {}
+        self.stats = ConsumerStats()
+        self._stop = False
+        channel.basic_qos(prefetch_count=prefetch)
+        self.tag = channel.basic_consume(queue, self._on_delivery, consumer_tag=consumer_tag)
+
+    def _reject(self, tags: list, reason: str, **kw) -> None:
+        for tag in tags:
+            if tag is not None:
+                self.channel.basic_nack(tag, requeue=False)
+                self.stats.dead_lettered += 1
+        log.warning("message_dead_lettered", queue=self.queue, reason=reason, count=len(tags), **kw)
+
+    def _on_delivery(self, ch, method, props: pika.BasicProperties, body: bytes) -> None:
+        tag = method.delivery_tag
+        if is_chunk(props.headers):
+            self.stats.chunks += 1
+            try:
+                res = self.reassembler.add(props.headers, body, tag)
+            except ChunkError as exc:
+                self._reject(exc.tokens or [tag], str(exc), transfer_id=exc.transfer_id)
+                return
+            if res.complete is not None:
+                self.payloads[res.complete.transfer_id] = res.complete
+            for t in res.ack:
+                ch.basic_ack(t)
+            return
+        self.stats.messages += 1
+        try:
+            msg = messages.decode(body)
+            payload = None
+            ref = getattr(msg, "payload", None)
+            if ref is not None and ref.transfer_id is not None:
+                payload = self.payloads.pop(ref.transfer_id, None)
+                if payload is None:
+                    raise messages.InvalidField(f"payload transfer {ref.transfer_id} not received (or incomplete)")
+            try:
+                self.handler(msg, payload)
+            finally:
+                if payload is not None:
+                    payload.close()
+        except messages.MessageError as exc:
+            self._reject([tag], f"{type(exc).__name__}: {exc}", message_id=props.message_id, type=props.type)
+            return
+        ch.basic_ack(tag)
+
+    def expire(self) -> None:
+        for err in self.reassembler.expire():
+            self._reject(err.tokens, str(err), transfer_id=err.transfer_id, missing=err.missing[:10])
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def run(self, connection, until: Callable[[], bool] = lambda: False, tick_s: float = 1.0) -> None:
+        """Process deliveries until `stop()` or `until()`; checks transfer timeouts every `tick_s`."""
+        while not self._stop and not until():
+            connection.process_data_events(time_limit=tick_s)
+            self.expire()
+        if self.channel.is_open:
+            self.channel.basic_cancel(self.tag)
+
+
+def publish_message(channel, exchange: str, routing_key: str, msg: messages.Message, **props) -> None:
+    """Publish one wire message (persistent, `type` = its tag, content type msgpack)."""
+    channel.basic_publish(exchange, routing_key, messages.encode(msg), pika.BasicProperties(
+        content_type="application/msgpack", delivery_mode=2, type=messages.type_tag(msg),
+        timestamp=int(time.time()), **props), mandatory=True)

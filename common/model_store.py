@@ -1,0 +1,189 @@
+"""Model versions: published once to the experiment's model stream, read by many workers, cached on disk.
+
+Publishing version v appends its chunks (common/chunks, headers also carry `mqfed-version`) to
+`mqfed.<exp>.models`, then appends a small `ModelVersion` announcement with the stream offset of v's first
+chunk to `mqfed.<exp>.model-index` (and to the events exchange, key `model.version`). Stream offsets count
+messages, so the single publisher (the active coordinator) knows the offset of the next chunk.
+
+Fetching v reads the small index stream to find v's offset, then consumes the model stream from exactly that
+offset (`x-stream-offset`) and stops after v's last chunk: older versions are never read. The payload lands
+in the cache (`$MQFED_CACHE_DIR`, else `$XDG_CACHE_HOME/mqfed`, else `~/.cache/mqfed`) as
+`<exp>/model-v<version>.bin`, and a cached file is used only when its sha256 matches the announcement.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pika
+
+from common import messages
+from common.chunks import DEFAULT_CHUNK_SIZE, Reassembler, is_chunk, publish_chunked
+from common.logs import get_logger
+
+log = get_logger(__name__)
+H_VERSION = "mqfed-version"
+
+
+def _close_without_reject(ch) -> None:
+    impl = ch._impl  # noqa: SLF001 - see ModelStore._read_stream
+    if impl.is_open:
+        impl.close()
+    deadline = time.monotonic() + 5.0
+    while not impl.is_closed and time.monotonic() < deadline:
+        ch.connection.process_data_events(time_limit=0.05)
+
+
+class ModelNotFound(LookupError):
+    """The requested version is not (or no longer) in the model index."""
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("MQFED_CACHE_DIR"):
+        return Path(os.environ["MQFED_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mqfed"
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchResult:
+    path: Path
+    announcement: messages.ModelVersion
+    chunks_read: int  # model-stream messages consumed (0 when served from cache)
+    from_cache: bool
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ModelStore:
+    """Publish and fetch model versions of one experiment.
+
+    names: an object with `experiment`, `models`, `model_index`, `events` (e.g. broker.topology.Topology).
+    channel: a pika BlockingChannel; publishing needs `confirm_delivery()` on it.
+    """
+
+    def __init__(self, channel, names, cache_dir: str | os.PathLike | None = None,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, prefetch: int = 4, index_wait_s: float = 0.5):
+        self.channel, self.names = channel, names
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.chunk_size, self.prefetch, self.index_wait_s = chunk_size, prefetch, index_wait_s
+        self._next_offset: int | None = None
+
+    # -- reading streams -------------------------------------------------------------------------------
+    def _read_stream(self, queue: str, offset, wait_s: float, prefetch: int):
+        """Yield (stream offset, properties, body) from `offset` until nothing arrives for `wait_s`.
+
+        Runs on its own channel, closed at the impl level when done: pika's `cancel()`/`close()` would
+        reject the deliveries still buffered, and streams answer basic.reject by closing the connection.
+        """
+        ch = self.channel.connection.channel()
+        ch.basic_qos(prefetch_count=prefetch)
+        gen = ch.consume(queue, arguments={"x-stream-offset": offset}, inactivity_timeout=wait_s)
+        try:
+            for item in gen:
+                if item == (None, None, None):
+                    return
+                method, props, body = item
+                ch.basic_ack(method.delivery_tag)
+                yield (props.headers or {}).get("x-stream-offset"), props, body
+        finally:
+            _close_without_reject(ch)
+
+    def _last_offset(self, queue: str) -> int | None:
+        last = None
+        for off, _, _ in self._read_stream(queue, "last", self.index_wait_s, 16):
+            last = off if last is None else max(last, off)
+        return last
+
+    def announcements(self, stop_at_version: int | None = None) -> list[messages.ModelVersion]:
+        """Announcements in the index stream, oldest first (stops early at `stop_at_version`)."""
+        out = []
+        for _, _, body in self._read_stream(self.names.model_index, "first", self.index_wait_s, 256):
+            msg = messages.decode(body)
+            if isinstance(msg, messages.ModelVersion) and msg.experiment == self.names.experiment:
+                out.append(msg)
+                if stop_at_version is not None and msg.version == stop_at_version:
+                    break
+        return out
+
+    def latest(self) -> messages.ModelVersion | None:
+        anns = []
+        for _, _, body in self._read_stream(self.names.model_index, "last", self.index_wait_s, 256):
+            msg = messages.decode(body)
+            if isinstance(msg, messages.ModelVersion) and msg.experiment == self.names.experiment:
+                anns.append(msg)
+        return max(anns, key=lambda a: a.version) if anns else None
+
+    # -- publishing --------------------------------------------------------------------------------------
+    def publish(self, version: int, payload: bytes | str | os.PathLike) -> messages.ModelVersion:
+        """Append version `version` (bytes or a file) to the model stream and announce it. Single publisher."""
+        if self._next_offset is None:
+            last = self._last_offset(self.names.models)
+            self._next_offset = 0 if last is None else last + 1
+        first = self._next_offset
+        props_base = dict(delivery_mode=2, content_type="application/octet-stream", type="model_chunk")
+
+        def send(body, headers):
+            self.channel.basic_publish("", self.names.models, bytes(body),
+                                       pika.BasicProperties(headers=headers, **props_base), mandatory=True)
+            self._next_offset += 1
+
+        info = publish_chunked(send, payload, chunk_size=self.chunk_size, transfer_id=f"model-v{version}",
+                               headers={H_VERSION: version})
+        ann = messages.ModelVersion(self.names.experiment, version, first, info.num_chunks, info.size,
+                                    info.sha256, info.transfer_id, time.time())
+        body = messages.encode(ann)
+        props = pika.BasicProperties(delivery_mode=2, content_type="application/msgpack", type="model_version")
+        self.channel.basic_publish("", self.names.model_index, body, props, mandatory=True)
+        self.channel.basic_publish(self.names.events, "model.version", body, props)
+        log.info("model_published", version=version, bytes=info.size, chunks=info.num_chunks, offset=first)
+        return ann
+
+    # -- fetching -----------------------------------------------------------------------------------------
+    def cached_path(self, version: int) -> Path:
+        return self.cache_dir / self.names.experiment / f"model-v{version:08d}.bin"
+
+    def fetch(self, version: int | None = None, timeout_s: float = 300.0) -> FetchResult:
+        """Get version `version` (None: the latest) from the cache or the stream; verified by sha256."""
+        if version is None:
+            ann = self.latest()
+            if ann is None:
+                raise ModelNotFound(f"no model version published for {self.names.experiment}")
+        else:
+            found = [a for a in self.announcements(stop_at_version=version) if a.version == version]
+            if not found:
+                raise ModelNotFound(f"model version {version} of {self.names.experiment} is not in the index")
+            ann = found[-1]
+        path = self.cached_path(ann.version)
+        if path.exists():
+            if path.stat().st_size == ann.size_bytes and _sha256_file(path) == ann.sha256:
+                return FetchResult(path, ann, 0, True)
+            log.warning("model_cache_corrupt", version=ann.version, path=str(path))
+            path.unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        reasm = Reassembler(spill_threshold=0, spool_dir=str(path.parent), timeout_s=timeout_s, fsync=False)
+        read, done = 0, None
+        deadline = time.monotonic() + timeout_s
+        for off, props, body in self._read_stream(self.names.models, ann.stream_offset, 5.0, self.prefetch):
+            read += 1
+            headers = props.headers or {}
+            if is_chunk(headers) and headers.get("mqfed-transfer") == ann.transfer_id:
+                done = reasm.add(headers, body).complete or done
+            if done is not None or time.monotonic() > deadline or (off is not None and
+                                                                    off >= ann.stream_offset + ann.num_chunks - 1):
+                break
+        if done is None:
+            reasm.close()
+            raise ModelNotFound(f"model version {ann.version}: chunks missing from the stream (retention?)")
+        done.save_to(path)
+        log.info("model_fetched", version=ann.version, bytes=ann.size_bytes, chunks_read=read)
+        return FetchResult(path, ann, read, False)

@@ -1,0 +1,43 @@
+"""Integration fixtures: a real RabbitMQ (started by broker.ensure when none answers), one experiment name
+per test (`it-<session>-<n>`) so runs never collide, and everything declared is deleted afterwards."""
+from __future__ import annotations
+
+import itertools
+import uuid
+
+import pytest
+
+from broker import ensure, topology
+from common.amqp import connect
+
+SESSION = uuid.uuid4().hex[:8]
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def broker_url():
+    from common.amqp import amqp_url
+
+    if not ensure.ensure():
+        pytest.fail(ensure.HOW_TO.format(url=amqp_url()), pytrace=False)  # never skip silently
+    return amqp_url()
+
+
+@pytest.fixture
+def connection(broker_url):
+    conn = connect("test", device="pytest", attempts=3)
+    yield conn
+    if conn.is_open:
+        conn.close()
+
+
+@pytest.fixture
+def topo(connection):
+    t = topology.Topology(f"it-{SESSION}-{next(_counter)}", model_retention_bytes=2 * 1024**3)
+    ch = connection.channel()
+    topology.declare(ch, t)
+    ch.close()
+    yield t
+    cleanup = connect("test", device="cleanup", attempts=3)
+    topology.delete(cleanup.channel(), t)
+    cleanup.close()

@@ -1,0 +1,50 @@
+"""Model versions through the real model stream: fetch without reading older versions, disk cache."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from common.model_store import ModelNotFound, ModelStore
+
+pytestmark = pytest.mark.integration
+
+
+def _payload(v: int) -> bytes:
+    return hashlib.sha256(str(v).encode()).digest() * (4096 * (v + 1))  # 128 KiB * (v+1)
+
+
+def test_fetching_version_10_reads_only_its_chunks(connection, topo, tmp_path):
+    ch = connection.channel()
+    ch.confirm_delivery()
+    store = ModelStore(ch, topo, cache_dir=tmp_path / "pub", chunk_size=64 * 1024)
+    anns = [store.publish(v, _payload(v)) for v in range(1, 11)]
+    assert anns[-1].stream_offset == sum(a.num_chunks for a in anns[:-1])
+
+    reader = ModelStore(connection.channel(), topo, cache_dir=tmp_path / "worker", chunk_size=64 * 1024)
+    res = reader.fetch(10)
+    assert res.path.read_bytes() == _payload(10) and not res.from_cache
+    assert res.chunks_read == anns[-1].num_chunks == 22
+    latest = reader.fetch()  # latest = 10, now from the cache
+    assert latest.from_cache and latest.announcement.version == 10 and latest.chunks_read == 0
+    mid = reader.fetch(4)
+    assert mid.path.read_bytes() == _payload(4) and mid.chunks_read == anns[3].num_chunks
+
+
+def test_corrupt_cache_file_is_refetched(connection, topo, tmp_path):
+    ch = connection.channel()
+    ch.confirm_delivery()
+    store = ModelStore(ch, topo, cache_dir=tmp_path, chunk_size=64 * 1024)
+    store.publish(1, _payload(1))
+    first = store.fetch(1)
+    first.path.write_bytes(b"garbage" + first.path.read_bytes()[7:])
+    again = store.fetch(1)
+    assert not again.from_cache and again.path.read_bytes() == _payload(1)
+
+
+def test_unknown_version_raises(connection, topo, tmp_path):
+    store = ModelStore(connection.channel(), topo, cache_dir=tmp_path)
+    with pytest.raises(ModelNotFound):
+        store.fetch(3)
+    with pytest.raises(ModelNotFound):
+        store.fetch()
