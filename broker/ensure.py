@@ -58,8 +58,18 @@ def _docker_running() -> bool:
     return shutil.which("docker") is not None and _run(["docker", "info"], timeout=20)
 
 
+def management_answers(url: str | None = None) -> bool:
+    host = urllib.parse.urlparse(amqp_url(url)).hostname or "localhost"
+    try:
+        with socket.create_connection((host, 15672), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
 def enable_management() -> None:
-    if shutil.which("rabbitmq-plugins"):
+    """Enable the management plugin (HTTP API and UI on 15672) when it is off and we can."""
+    if not management_answers() and shutil.which("rabbitmq-plugins"):
         _run(["rabbitmq-plugins", "enable", "rabbitmq_management"], timeout=60)
 
 
@@ -92,7 +102,9 @@ def ensure(url: str | None = None, wait_s: float = 90.0) -> bool:
 def main(argv: list[str] | None = None) -> int:
     url = amqp_url()
     if ensure(url):
-        print(f"broker answers at {urllib.parse.urlparse(url)._replace(netloc=urllib.parse.urlparse(url).hostname or '').geturl()}")
+        parsed = urllib.parse.urlparse(url)
+        print(f"broker answers at {parsed.scheme}://{parsed.hostname}:{parsed.port or 5672}"
+              f" (management API: {'up' if management_answers(url) else 'off'})")
         return 0
     print(HOW_TO.format(url=url), file=sys.stderr)
     return 1

@@ -140,7 +140,7 @@ def test_missing_chunk_is_detected_after_timeout(connection, topo, capsys):
 
 
 RECEIVER = r"""
-import sys, tracemalloc, time
+import resource, sys, tracemalloc, time
 from common.amqp import connect
 from common.chunks import Reassembler
 queue, prefetch, spool = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -148,6 +148,7 @@ conn = connect("test", device="receiver", attempts=3)
 ch = conn.channel()
 ch.basic_qos(prefetch_count=prefetch)
 r = Reassembler(spill_threshold=0, spool_dir=spool, fsync=False)
+rss0 = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()  # current RSS
 tracemalloc.start()
 t0 = time.monotonic()
 done = None
@@ -161,13 +162,15 @@ for method, props, body in ch.consume(queue):
         break
 ch.cancel()
 peak = tracemalloc.get_traced_memory()[1]
-print(done.path, done.size, done.sha256, peak, time.monotonic() - t0)
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+print(done.path, done.size, done.sha256, peak, time.monotonic() - t0, rss)
 """
 
 
 def test_400mb_payload_arrives_byte_exact_with_bounded_receiver_memory(connection, topo, tmp_path):
-    """Receiver runs in its own process; its Python heap peak (tracemalloc, which sees pika's frame
-    buffers and message bodies) must stay under 1.5 x its chunk window (prefetch x chunk size)."""
+    """Receiver runs in its own process. Both its Python heap peak (tracemalloc: pika's frame buffers and
+    message bodies) and its peak RSS growth (VmHWM at the end minus RSS before consuming) must stay under
+    1.5 x its chunk window (prefetch x chunk size = 32 MiB)."""
     chunk, prefetch, total = 8 * 1024 * 1024, 4, 400 * 1024 * 1024
     window = chunk * prefetch
     src = tmp_path / "payload.bin"
@@ -187,10 +190,12 @@ def test_400mb_payload_arrives_byte_exact_with_bounded_receiver_memory(connectio
     out = subprocess.run([sys.executable, "-c", RECEIVER, topo.updates, str(prefetch), str(tmp_path)],
                          capture_output=True, text=True, timeout=300, cwd=os.getcwd())
     assert out.returncode == 0, out.stderr
-    path, size, digest, peak, secs = out.stdout.split()
+    path, size, digest, peak, secs, rss_growth = out.stdout.split()
     assert int(size) == total and digest == info.sha256
     with open(path, "rb") as a, open(src, "rb") as b:
         while (x := a.read(1 << 24)):
             assert x == b.read(1 << 24)
-    print(f"receiver peak traced memory {int(peak) / 2**20:.1f} MiB, window {window / 2**20:.0f} MiB, {float(secs):.1f}s")
+    print(f"receiver peak traced memory {int(peak) / 2**20:.1f} MiB, peak RSS growth {int(rss_growth) / 2**20:.1f} MiB,"
+          f" window {window / 2**20:.0f} MiB, {float(secs):.1f}s")
     assert int(peak) < 1.5 * window
+    assert int(rss_growth) < 1.5 * window
