@@ -271,6 +271,11 @@ class _Contribution:
     share: float
 
 
+def _sq_norm(t: torch.Tensor) -> float:
+    """Squared L2 norm, accumulated in float64."""
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+
+
 def _new_counters() -> dict:
     return {"accepted": 0, "duplicates": 0, "applied_updates": 0, "steps": 0, "rejected": {}}
 
@@ -387,9 +392,17 @@ class Aggregator:
         if not self._contributions or self._buffer is None:
             raise RuntimeError("aggregate: the buffer is empty")
         normalizer = sum(c.share for c in self._contributions)
-        mean = {n: b / normalizer for n, b in self._buffer.items()}
-        delta_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in mean.values()))
-        self.optimizer.step(mean)
+        # Divide in place: the buffer is cleared right after, and a model-sized copy is saved.
+        mean = self._buffer
+        for b in mean.values():
+            b.div_(normalizer)
+        delta_norm = math.sqrt(sum(_sq_norm(t) for t in mean.values()))
+        try:
+            self.optimizer.step(mean)
+        except Exception:
+            for b in mean.values():  # leave the buffer as it was (up to rounding) for a retry
+                b.mul_(normalizer)
+            raise
         self.version += 1
         contributions = self._contributions
         record = AggregationRecord(
@@ -511,7 +524,7 @@ class Aggregator:
             unique, inverse = torch.unique(indices, return_inverse=True)
             coalesced = torch.zeros(unique.numel(), dtype=torch.float64, device=values.device)
             coalesced.index_add_(0, inverse, values.double())
-            return float(coalesced.pow(2).sum())
+            return _sq_norm(coalesced)
         if not isinstance(value, torch.Tensor):
             raise UpdateRejected("dtype", f"{name!r}: expected a tensor or SparseTensor, got {type(value).__name__}")
         if tuple(value.shape) != tuple(param.shape):
@@ -520,7 +533,7 @@ class Aggregator:
             raise UpdateRejected("dtype", f"{name!r}: dtype {value.dtype}, expected {param.dtype}")
         if not bool(torch.isfinite(value).all()):
             raise UpdateRejected("nan", f"{name!r}: non-finite values")
-        return float(value.double().pow(2).sum())
+        return _sq_norm(value)
 
     def _ensure_buffer(self) -> dict[str, torch.Tensor]:
         if self._buffer is None:
