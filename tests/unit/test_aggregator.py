@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coordinator.aggregator import (
     REASONS,
@@ -350,6 +352,25 @@ def test_sparse_add_uses_only_indices_and_values():
     assert agg.state["v"].tolist() == [0.0, 0.0, 0.0, -1.0]
 
 
+@settings(max_examples=50, deadline=None)
+@given(
+    entries=st.lists(st.tuples(st.integers(0, 11), st.floats(-10, 10, allow_nan=False)), max_size=30),
+    weight_samples=st.integers(1, 9),
+)
+def test_sparse_add_equals_dense_add_for_any_indices(entries, weight_samples):
+    indices = torch.tensor([i for i, _ in entries], dtype=torch.int64)
+    values = torch.tensor([v for _, v in entries], dtype=torch.float64)
+    sparse = SparseTensor(indices, values, (3, 4))
+    dense = sparse.to_dense()
+    cfg = AggregatorConfig(buffer_size=1)
+    states = []
+    for delta in (sparse, dense):
+        agg = Aggregator({"m": torch.zeros(3, 4, dtype=torch.float64)}, cfg, SGD1)
+        agg.add(ClientUpdate("exp", "a", "A", 0, weight_samples, {"m": delta}))
+        states.append(agg.state["m"])
+    torch.testing.assert_close(states[0], states[1], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("sparse", "reason"),
     [
@@ -402,6 +423,31 @@ def test_synchronous_mode_equals_sample_weighted_fedavg_of_client_models():
     with pytest.raises(UpdateRejected) as err:
         agg.add(ClientUpdate("exp", "t9", "w9", 0, 5, {k: torch.zeros_like(v) for k, v in start.items()}))
     assert err.value.reason == "stale"
+
+
+@settings(max_examples=30, deadline=None)
+@given(perm_seed=st.integers(0, 1000))
+def test_arrival_order_within_a_buffer_does_not_change_the_result(perm_seed):
+    stream = _stream(4, seed=7)
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(perm_seed)).tolist()
+    results = []
+    for items in (stream, [stream[i] for i in order]):
+        agg = make(AggregatorConfig(buffer_size=4, max_staleness=None), version=4)
+        for i, delta, n in items:
+            agg.add(ClientUpdate("exp", f"t{i}", "w", i, n, delta))
+        results.append(agg.state["w"].clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+
+
+def test_half_precision_parameters_accumulate_in_float32():
+    state = {"h": torch.tensor([1.0, 1.0], dtype=torch.float16)}
+    agg = Aggregator(state, AggregatorConfig(buffer_size=3, staleness="constant", sample_weighting=False), SGD1)
+    for i in range(2):
+        agg.add(ClientUpdate("exp", f"t{i}", "w", 0, 1, {"h": torch.tensor([1e-4, 0.5], dtype=torch.float16)}))
+    assert agg.state_dict()["buffer"]["h"].dtype == torch.float32
+    agg.add(ClientUpdate("exp", "t2", "w", 0, 1, {"h": torch.tensor([1e-4, 0.5], dtype=torch.float16)}))
+    assert state["h"].dtype == torch.float16
+    assert state["h"].tolist() == [1.0, 1.5]  # 1 + mean(1e-4) rounds back to 1.0 in fp16; 1 + 0.5
 
 
 def test_synchronous_config_has_the_documented_settings():
