@@ -34,7 +34,7 @@ boolean masks) are never sent by clients and are left unchanged by the server.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping, Protocol, TypeGuard, Union
 
 import torch
