@@ -558,3 +558,20 @@ def test_aggregator_config_defaults():
     cfg = AggregatorConfig()
     assert (cfg.buffer_size, cfg.max_staleness, cfg.staleness, cfg.staleness_a, cfg.sample_weighting,
             cfg.max_update_norm) == (10, 20, "polynomial", 0.5, True, None)
+
+
+def test_a_failed_server_step_leaves_the_buffer_and_version_for_a_retry(monkeypatch):
+    agg = make(AggregatorConfig(buffer_size=5, staleness="constant", sample_weighting=False))
+    agg.add(upd([1.0, 3.0], [0.0], task="a"))
+    agg.add(upd([3.0, 1.0], [2.0], task="b"))
+
+    def broken_step(delta):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(agg.optimizer, "step", broken_step)
+    with pytest.raises(RuntimeError, match="device lost"):
+        agg.aggregate()
+    assert agg.version == 0 and agg.buffered == 2 and agg.state["w"].tolist() == [1.0, 2.0]
+    monkeypatch.undo()
+    rec = agg.aggregate()
+    assert rec.version == 1 and agg.state["w"].tolist() == [3.0, 4.0] and agg.state["b"].tolist() == [1.5]
