@@ -2,8 +2,9 @@
 
 Publishing version v appends its chunks (common/chunks, headers also carry `mqfed-version`) to
 `mqfed.<exp>.models`, then appends a small `ModelVersion` announcement with the stream offset of v's first
-chunk to `mqfed.<exp>.model-index` (and to the events exchange, key `model.version`). Stream offsets count
-messages, so the single publisher (the active coordinator) knows the offset of the next chunk.
+chunk to `mqfed.<exp>.model-index` (and to the events exchange, key `model.version`). The offset comes from
+a tiny probe message appended just before the chunks (see `_probe_offset`); there is one publisher per
+experiment (the active coordinator).
 
 Fetching v reads the small index stream to find v's offset, then consumes the model stream from exactly that
 offset (`x-stream-offset`) and stops after v's last chunk: older versions are never read. The payload lands
@@ -16,6 +17,7 @@ import dataclasses
 import hashlib
 import os
 import time
+import uuid
 from pathlib import Path
 
 import pika
@@ -76,7 +78,6 @@ class ModelStore:
         self.channel, self.names = channel, names
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.chunk_size, self.prefetch, self.index_wait_s = chunk_size, prefetch, index_wait_s
-        self._next_offset: int | None = None
 
     # -- reading streams -------------------------------------------------------------------------------
     def _read_stream(self, queue: str, offset, wait_s: float, prefetch: int):
@@ -98,11 +99,21 @@ class ModelStore:
         finally:
             _close_without_reject(ch)
 
-    def _last_offset(self, queue: str) -> int | None:
-        last = None
-        for off, _, _ in self._read_stream(queue, "last", self.index_wait_s, 16):
-            last = off if last is None else max(last, off)
-        return last
+    def _probe_offset(self) -> int:
+        """Append a tiny probe message to the model stream and return the offset it got.
+
+        Stream offsets are not message counts (osiris also gives offsets to internal entries, e.g. at
+        segment roll-over, which consumers never see), and streams report no message count. With a single
+        publisher, the first message appended after the probe is the first one a consumer starting at
+        probe + 1 receives. The probe has no chunk headers, so readers skip it.
+        """
+        probe_id = f"probe-{uuid.uuid4().hex}"
+        self.channel.basic_publish("", self.names.models, b"", pika.BasicProperties(
+            message_id=probe_id, type="offset_probe", delivery_mode=2), mandatory=True)
+        for off, props, _ in self._read_stream(self.names.models, "last", 10.0, 16):
+            if props.message_id == probe_id:
+                return off
+        raise RuntimeError(f"offset probe did not come back from {self.names.models}")
 
     def announcements(self, stop_at_version: int | None = None) -> list[messages.ModelVersion]:
         """Announcements in the index stream, oldest first (stops early at `stop_at_version`)."""
@@ -126,16 +137,12 @@ class ModelStore:
     # -- publishing --------------------------------------------------------------------------------------
     def publish(self, version: int, payload: bytes | str | os.PathLike) -> messages.ModelVersion:
         """Append version `version` (bytes or a file) to the model stream and announce it. Single publisher."""
-        if self._next_offset is None:
-            last = self._last_offset(self.names.models)
-            self._next_offset = 0 if last is None else last + 1
-        first = self._next_offset
+        first = self._probe_offset() + 1
         props_base = dict(delivery_mode=2, content_type="application/octet-stream", type="model_chunk")
 
         def send(body, headers):
             self.channel.basic_publish("", self.names.models, bytes(body),
                                        pika.BasicProperties(headers=headers, **props_base), mandatory=True)
-            self._next_offset += 1
 
         info = publish_chunked(send, payload, chunk_size=self.chunk_size, transfer_id=f"model-v{version}",
                                headers={H_VERSION: version})
@@ -173,17 +180,21 @@ class ModelStore:
         reasm = Reassembler(spill_threshold=0, spool_dir=str(path.parent), timeout_s=timeout_s, fsync=False)
         read, done = 0, None
         deadline = time.monotonic() + timeout_s
-        for off, props, body in self._read_stream(self.names.models, ann.stream_offset, 5.0, self.prefetch):
+        stream = self._read_stream(self.names.models, ann.stream_offset, min(timeout_s, 60.0), self.prefetch)
+        for _off, props, body in stream:
             read += 1
             headers = props.headers or {}
-            if is_chunk(headers) and headers.get("mqfed-transfer") == ann.transfer_id:
-                done = reasm.add(headers, body).complete or done
-            if done is not None or time.monotonic() > deadline or (off is not None and
-                                                                    off >= ann.stream_offset + ann.num_chunks - 1):
+            if is_chunk(headers):
+                if headers.get("mqfed-transfer") == ann.transfer_id:
+                    done = reasm.add(headers, body).complete
+                elif isinstance(headers.get(H_VERSION), int) and headers[H_VERSION] > ann.version:
+                    break  # a newer version began: ours is incomplete
+            if done is not None or time.monotonic() > deadline:
                 break
         if done is None:
             reasm.close()
-            raise ModelNotFound(f"model version {ann.version}: chunks missing from the stream (retention?)")
+            raise ModelNotFound(f"model version {ann.version}: version incomplete after reading {read} messages of {ann.num_chunks} chunks from the"
+                                f" stream at offset {ann.stream_offset} (truncated by retention?)")
         done.save_to(path)
         log.info("model_fetched", version=ann.version, bytes=ann.size_bytes, chunks_read=read)
         return FetchResult(path, ann, read, False)

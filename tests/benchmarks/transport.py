@@ -1,0 +1,191 @@
+"""Transport throughput: mqfed's model broadcast and update ingest beside raw pika on the same bytes.
+
+    python tests/benchmarks/transport.py [--model-mb 256] [--readers 3] [--updates 8] [--update-mb 32]
+
+Model broadcast: one publisher appends a model of --model-mb to the model stream (chunked, sha256, confirms),
+then --readers processes fetch it at the same time (reassembly to their disk cache, verified). Raw: the same
+bytes as the same number of messages published with confirms to a plain stream and consumed by the same
+number of reader processes that only count bytes. MB/s = payload MB delivered to all readers / wall time
+(publish + reads). Update ingest: --updates chunked updates through the updates queue into
+broker.consume.MessageConsumer, against raw publish + consume of the same messages on a quorum queue.
+Prints a table, then one JSON line {"broadcast_mb_s", "raw_mb_s", "ratio", ...}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import pika  # noqa: E402
+
+from broker import topology  # noqa: E402
+from broker.consume import MessageConsumer, publish_message  # noqa: E402
+from common import messages  # noqa: E402
+from common.amqp import connect  # noqa: E402
+from common.logs import configure  # noqa: E402
+from common.chunks import DEFAULT_CHUNK_SIZE, Reassembler, publish_chunked  # noqa: E402
+from common.model_store import ModelStore, _close_without_reject  # noqa: E402
+
+MB = 1024 * 1024
+
+
+def _fetch_reader(experiment: str, version: int, cache: str, barrier, out) -> None:
+    configure(level="WARNING")
+    conn = connect("bench", device="reader", attempts=3)
+    store = ModelStore(conn.channel(), topology.Topology(experiment), cache_dir=cache)
+    barrier.wait()
+    try:
+        out.put(store.fetch(version).announcement.size_bytes)
+    except Exception as exc:  # report, so the parent does not wait forever
+        out.put(repr(exc))
+    conn.close()
+
+
+def _raw_reader(queue: str, n_messages: int, barrier, out) -> None:
+    conn = connect("bench", device="raw-reader", attempts=3)
+    ch = conn.channel()
+    ch.basic_qos(prefetch_count=4)
+    barrier.wait()
+    total = 0
+    for i, (method, _props, body) in enumerate(ch.consume(queue, arguments={"x-stream-offset": "first"})):
+        total += len(body)
+        ch.basic_ack(method.delivery_tag)
+        if i + 1 == n_messages:
+            break
+    _close_without_reject(ch)
+    out.put(total)
+    conn.close()
+
+
+def _run_readers(target, args_list) -> float:
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(len(args_list) + 1), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, barrier, out)) for a in args_list]
+    for p in procs:
+        p.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    got = [out.get(timeout=300) for _ in procs]
+    elapsed = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    if not all(g == got[0] and isinstance(g, int) for g in got):
+        raise RuntimeError(f"readers failed: {got}")
+    return elapsed
+
+
+def bench_broadcast(payload: bytes, readers: int, chunk: int) -> tuple[float, float]:
+    topo = topology.Topology(f"bench-{uuid.uuid4().hex[:8]}")
+    conn = connect("bench", device="publisher", attempts=3)
+    ch = conn.channel()
+    topology.declare(ch, topo)
+    ch.confirm_delivery()
+    raw_q = f"{topo.prefix}.raw-stream"
+    ch.queue_declare(raw_q, durable=True, arguments={"x-queue-type": "stream"})
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            ModelStore(ch, topo, cache_dir=tmp, chunk_size=chunk).publish(1, payload)
+            pub = time.perf_counter() - t0
+            read = _run_readers(_fetch_reader, [(topo.experiment, 1, os.path.join(tmp, f"r{i}")) for i in range(readers)])
+        ours = len(payload) * readers / MB / (pub + read)
+        t0 = time.perf_counter()
+        view = memoryview(payload)
+        n = 0
+        for start in range(0, len(payload), chunk):
+            ch.basic_publish("", raw_q, bytes(view[start:start + chunk]), pika.BasicProperties(delivery_mode=2))
+            n += 1
+        raw_pub = time.perf_counter() - t0
+        raw_read = _run_readers(_raw_reader, [(raw_q, n)] * readers)
+        raw = len(payload) * readers / MB / (raw_pub + raw_read)
+        print(f"  broadcast  mqfed: publish {pub:.2f}s + {readers} readers {read:.2f}s"
+              f" | raw: publish {raw_pub:.2f}s + readers {raw_read:.2f}s")
+        return ours, raw
+    finally:
+        ch = conn.channel()
+        ch.queue_delete(raw_q)
+        topology.delete(ch, topo)
+        conn.close()
+
+
+def bench_ingest(payload: bytes, updates: int, chunk: int) -> tuple[float, float]:
+    topo = topology.Topology(f"bench-{uuid.uuid4().hex[:8]}")
+    conn = connect("bench", device="ingest", attempts=3)
+    ch = conn.channel()
+    topology.declare(ch, topo)
+    ch.confirm_delivery()
+    raw_q = f"{topo.prefix}.raw-updates"
+    ch.queue_declare(raw_q, durable=True, arguments={"x-queue-type": "quorum"})
+    total = len(payload) * updates / MB
+    try:
+        def send(body, headers):
+            ch.basic_publish(topo.work_exchange, topo.UPDATES_KEY, bytes(body),
+                             pika.BasicProperties(headers=headers, delivery_mode=2), mandatory=True)
+
+        t0 = time.perf_counter()
+        for i in range(updates):
+            info = publish_chunked(send, payload, chunk_size=chunk)
+            publish_message(ch, topo.work_exchange, topo.UPDATES_KEY, messages.Update(
+                topo.experiment, f"t{i}", "bench", 0, 1, {}, "fp32", len(payload), len(payload),
+                messages.PayloadRef(transfer_id=info.transfer_id)))
+        got = []
+        with tempfile.TemporaryDirectory() as tmp:
+            cch = conn.channel()
+            consumer = MessageConsumer(cch, topo.updates, lambda m, p: got.append(p.size), prefetch=4,
+                                       reassembler=Reassembler(spill_threshold=64 * MB, spool_dir=tmp, fsync=False))
+            consumer.run(conn, until=lambda: len(got) == updates, tick_s=0.2)
+        ours = total / (time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        view = memoryview(payload)
+        n = 0
+        for _ in range(updates):
+            for start in range(0, len(payload), chunk):
+                ch.basic_publish("", raw_q, bytes(view[start:start + chunk]), pika.BasicProperties(delivery_mode=2))
+                n += 1
+        rch = conn.channel()
+        rch.basic_qos(prefetch_count=4)
+        for i, (method, _p, _b) in enumerate(rch.consume(raw_q)):
+            rch.basic_ack(method.delivery_tag)
+            if i + 1 == n:
+                break
+        rch.cancel()
+        raw = total / (time.perf_counter() - t0)
+        return ours, raw
+    finally:
+        ch = conn.channel()
+        ch.queue_delete(raw_q)
+        topology.delete(ch, topo)
+        conn.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-mb", type=int, default=256)
+    p.add_argument("--readers", type=int, default=3)
+    p.add_argument("--updates", type=int, default=8)
+    p.add_argument("--update-mb", type=int, default=32)
+    p.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_SIZE / MB)
+    args = p.parse_args()
+    configure(level="WARNING")
+    chunk = int(args.chunk_mb * MB)
+    model = os.urandom(args.model_mb * MB)
+    b_ours, b_raw = bench_broadcast(model, args.readers, chunk)
+    u_ours, u_raw = bench_ingest(os.urandom(args.update_mb * MB), args.updates, chunk)
+    print(f"{'path':<22}{'mqfed MB/s':>12}{'raw pika MB/s':>15}{'ratio':>8}")
+    print(f"{'model broadcast':<22}{b_ours:>12.1f}{b_raw:>15.1f}{b_ours / b_raw:>8.2f}")
+    print(f"{'update ingest':<22}{u_ours:>12.1f}{u_raw:>15.1f}{u_ours / u_raw:>8.2f}")
+    print(json.dumps({"broadcast_mb_s": round(b_ours, 1), "raw_mb_s": round(b_raw, 1), "ratio": round(b_ours / b_raw, 3),
+                      "ingest_mb_s": round(u_ours, 1), "ingest_raw_mb_s": round(u_raw, 1),
+                      "ingest_ratio": round(u_ours / u_raw, 3)}))
+
+
+if __name__ == "__main__":
+    main()
