@@ -134,10 +134,10 @@ class CompletedTransfer:
     size: int
     sha256: str
     headers: dict[str, Any]
-    data: bytes | None = None
+    data: bytes | bytearray | None = None
     path: str | None = None
 
-    def read_bytes(self) -> bytes:
+    def read_bytes(self) -> bytes | bytearray:
         if self.data is not None:
             return self.data
         with open(self.path, "rb") as f:
@@ -197,6 +197,11 @@ class _Assembly:
         if spill:
             fd, self.path = tempfile.mkstemp(prefix="mqfed-spool-", suffix=".part", dir=spool_dir)
             self.file = os.fdopen(fd, "r+b")
+            if self.size and hasattr(os, "posix_fallocate"):
+                try:
+                    os.posix_fallocate(fd, 0, self.size)  # fewer block allocations while chunks arrive
+                except OSError:
+                    pass
         else:
             self.buffer = bytearray(self.size)
 
@@ -320,7 +325,7 @@ class Reassembler:
             raise CorruptTransfer(f"transfer {tid}: sha256 of the reassembled payload does not match", tid, ack)
         self._remember(tid)
         if asm.buffer is not None:
-            done = CompletedTransfer(tid, asm.size, asm.sha256, asm.first_headers, data=bytes(asm.buffer))
+            done = CompletedTransfer(tid, asm.size, asm.sha256, asm.first_headers, data=asm.buffer)
         else:
             asm.file.flush()
             asm.file.close()
