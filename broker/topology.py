@@ -75,8 +75,7 @@ class Topology:
 
     def queues(self) -> list[Queue]:
         dl = {"x-dead-letter-exchange": self.dlx}
-        stream = {"x-queue-type": "stream", "x-max-length-bytes": self.model_retention_bytes,
-                  "x-stream-max-segment-size-bytes": 100 * 1024 * 1024}
+        stream = {"x-queue-type": "stream", "x-max-length-bytes": self.model_retention_bytes}
         return [
             Queue(self.tasks, {"x-queue-type": "quorum", **dl, "x-delivery-limit": self.task_delivery_limit}),
             Queue(self.updates, {"x-queue-type": "quorum", "x-single-active-consumer": True, **dl}),
