@@ -27,8 +27,12 @@ HOW_TO = (
 
 def answers(url: str | None = None, timeout: float = 2.0) -> bool:
     """True when an AMQP handshake succeeds at `url` (a plain TCP connect is not enough)."""
+    import logging
+
     import pika
 
+    pika_log = logging.getLogger("pika")
+    level, pika_log.level = pika_log.level, logging.CRITICAL  # a refused probe is not an error worth a trace
     params = pika.URLParameters(amqp_url(url))
     params.socket_timeout = timeout
     params.connection_attempts = 1
@@ -38,6 +42,8 @@ def answers(url: str | None = None, timeout: float = 2.0) -> bool:
         return True
     except Exception:
         return False
+    finally:
+        pika_log.level = level
 
 
 def _is_local(url: str) -> bool:
