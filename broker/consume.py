@@ -7,6 +7,7 @@
   version, a corrupt/incomplete transfer, or a handler raising `MessageError` is rejected with
   `basic_nack(requeue=False)`, so it ends in the queue's dead-letter exchange, with one clear log line; the
   consumer keeps running. Other handler exceptions propagate (the message is then redelivered).
+- A completed payload that no message claims within the reassembler's timeout is dropped (and logged).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class MessageConsumer:
         self.channel, self.queue, self.handler = channel, queue, handler
         self.reassembler = reassembler or Reassembler()
         self.payloads: dict[str, CompletedTransfer] = {}
+        self._payload_since: dict[str, float] = {}
         self.stats = ConsumerStats()
         self._stop = False
         channel.basic_qos(prefetch_count=prefetch)
@@ -66,6 +68,7 @@ class MessageConsumer:
                 return
             if res.complete is not None:
                 self.payloads[res.complete.transfer_id] = res.complete
+                self._payload_since[res.complete.transfer_id] = time.monotonic()
             for t in res.ack:
                 ch.basic_ack(t)
             return
@@ -76,6 +79,7 @@ class MessageConsumer:
             ref = getattr(msg, "payload", None)
             if ref is not None and ref.transfer_id is not None:
                 payload = self.payloads.pop(ref.transfer_id, None)
+                self._payload_since.pop(ref.transfer_id, None)
                 if payload is None:
                     raise messages.InvalidField(f"payload transfer {ref.transfer_id} not received (or incomplete)")
             try:
@@ -89,8 +93,15 @@ class MessageConsumer:
         ch.basic_ack(tag)
 
     def expire(self) -> None:
+        """Reject transfers that stalled, and drop completed payloads no message claimed in time."""
         for err in self.reassembler.expire():
             self._reject(err.tokens, str(err), transfer_id=err.transfer_id, missing=err.missing[:10])
+        now = time.monotonic()
+        for tid, since in list(self._payload_since.items()):
+            if now - since >= self.reassembler.timeout_s:
+                self._payload_since.pop(tid)
+                self.payloads.pop(tid).close()
+                log.warning("payload_unclaimed", queue=self.queue, transfer_id=tid)
 
     def stop(self) -> None:
         self._stop = True
