@@ -40,6 +40,7 @@ from typing import Iterable, Mapping, Protocol, TypeGuard, Union
 import torch
 
 from common.logs import get_logger
+from common.sparse import SparseTensor  # noqa: F401  (defined in common; re-exported here)
 from coordinator.server_optim import ServerOptimizer, ServerOptimizerConfig
 from coordinator.staleness import STALENESS_WEIGHTINGS, make_staleness_weight
 
@@ -71,32 +72,8 @@ class UpdateRejected(ValueError):
         self.message = message
 
 
-@dataclass(frozen=True)
-class SparseTensor:
-    """A sparse delta for one tensor: ``values[j]`` is added at flat (row-major) position ``indices[j]``.
-
-    indices: 1-D int64 tensor of flat indices into a tensor of ``shape`` (repeats are summed).
-    values: 1-D tensor, same length as ``indices``, of the parameter's dtype.
-    shape: the dense tensor's shape.
-
-    The aggregator adds it into its dense buffer with ``index_add_`` and never builds a dense copy. (The
-    aggregator recognises any object with ``indices``, ``values`` and ``shape`` attributes, so a codec in
-    ``common`` can define its own equivalent.)
-    """
-
-    indices: torch.Tensor
-    values: torch.Tensor
-    shape: tuple[int, ...]
-
-    def to_dense(self) -> torch.Tensor:
-        """The dense tensor (for tests and debugging; the aggregator does not call it)."""
-        out = torch.zeros(math.prod(self.shape), dtype=self.values.dtype, device=self.values.device)
-        out.index_add_(0, self.indices, self.values)
-        return out.reshape(self.shape)
-
-
 class SparseLike(Protocol):
-    """Anything shaped like SparseTensor (a codec's own sparse type qualifies)."""
+    """Anything shaped like ``common.sparse.SparseTensor`` (a codec's own sparse type qualifies)."""
 
     indices: torch.Tensor
     values: torch.Tensor
