@@ -1,0 +1,236 @@
+"""Error feedback for compressed updates (EF-SGD, Karimireddy et al. 2019; DGC, Lin et al. 2018).
+
+A trainer compresses ``corrected = delta + residual`` instead of ``delta`` and keeps what compression
+dropped, ``residual = corrected - decoded``, for its next update. Summed over a trainer's updates this
+telescopes into the invariant the tests check:
+
+    sum of raw deltas == sum of decoded updates sent + residual          (up to float32 rounding)
+
+so nothing a codec drops is lost: it is delivered later, with a delay.
+
+Decisions (docs/compression.md, "Error feedback", gives the reasoning):
+
+* **Model versions and stale tasks: the residual is kept.** It lives in parameter-delta space, not in
+  weight space, so it stays meaningful when the trainer's next task starts from a newer (or older)
+  model version; EF-SGD and DGC add old residuals to new gradients in the same way. Its staleness is
+  bounded by the codec: with ``topk:k`` an entry waits until it becomes one of the largest in its tensor.
+* **Dropped updates: accept the loss; there is no rollback.** If the coordinator rejects an update (for
+  example as stale) or it never arrives, exactly that update's ``decoded`` part is lost, the same as if
+  the coordinator had received it and thrown it away; the residual still holds everything else,
+  including the undelivered parts of earlier deltas. Folding ``decoded`` back into the residual would
+  smuggle a delta the coordinator judged too stale into a later update, and the worker is not told of
+  rejections anyway. A trainer that can see its result will be too stale should simply not call
+  ``compress``: the residual is then untouched.
+* **Codec changes, parameter names or shapes change: reset to zero**, with a log line. A residual
+  belongs to the ``(experiment, codec)`` pair that made it; after a codec change it could hold up to
+  ``1/k`` updates' worth of mass, and sending it in one go would make one oversized update.
+* **A failed encode (non-finite delta) resets the residual** (it was updated in place) and re-raises.
+* **Lossless codecs** (``none``, ``zlib``) leave a zero residual, which is not stored.
+* **Restart:** ``save(path)`` writes the residual with its experiment and codec atomically;
+  ``load(path)`` restores it. A missing or unreadable file, another experiment, or (when ``load`` is
+  given one) another codec starts from zero with a log line; a codec that differs from the next task's
+  resets at that ``compress``. Save after the update's publisher confirm and before acking the task, so
+  a crash never keeps a residual whose update was not sent.
+
+Memory: the residual is a dense float32 copy of the model's floating-point parameters (378 MB for
+wav2vec2-base), kept on the delta's device and updated in place. Everything here is pure except
+``save``/``load``. One ``ErrorFeedback`` per trainer; it is not thread-safe.
+"""
+from __future__ import annotations
+
+import math
+import os
+import struct
+from typing import Mapping
+
+import msgpack
+import torch
+
+from common.codecs import CodecError, CodecSpec, EncodedUpdate, encode, parse_codec
+from common.logs import get_logger
+from common.sparse import SparseTensor
+from common.tensors import decode_state, encode_state
+
+log = get_logger(__name__)
+
+MAGIC = b"MQEF"
+FORMAT = 1
+_MAX_META = 1 << 16
+
+
+class ErrorFeedback:
+    """The residual of one trainer, per parameter name, for one experiment.
+
+    experiment: the experiment the residual belongs to (saved with it and checked by ``load``).
+    """
+
+    def __init__(self, experiment: str) -> None:
+        if not isinstance(experiment, str) or not experiment:
+            raise ValueError(f"experiment must be a non-empty string, got {experiment!r}")
+        self.experiment = experiment
+        #: Canonical spec of the codec the residual belongs to; None before the first compress/load.
+        self.codec: str | None = None
+        self._residual: dict[str, torch.Tensor] = {}
+
+    @property
+    def residual(self) -> Mapping[str, torch.Tensor]:
+        """name -> float32 residual (empty means zero everywhere). Do not modify the tensors."""
+        return dict(self._residual)
+
+    def residual_norm(self) -> float:
+        """L2 norm of the whole residual (float64 accumulation); 0.0 when it is zero."""
+        return math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in self._residual.values()))
+
+    def reset(self, reason: str) -> None:
+        """Forget the residual (log line ``error_feedback_reset`` with ``reason`` when there was one)."""
+        if self._residual:
+            log.warning("error_feedback_reset", experiment=self.experiment, codec=self.codec, reason=reason)
+        self._residual = {}
+
+    def compress(
+        self, delta: Mapping[str, torch.Tensor], codec: str | CodecSpec, *, generator: torch.Generator | None = None
+    ) -> EncodedUpdate:
+        """Encode ``delta + residual`` with ``codec`` and keep ``residual = (delta + residual) - decoded``.
+
+        delta: name -> floating-point tensor (any dtype or device; not modified).
+        codec: the codec spec (the task's ``codec``); a codec different from the residual's resets it.
+        generator: passed to ``common.codecs.encode`` (stochastic rounding).
+        Returns the EncodedUpdate (bytes, raw/wire sizes, decoded). Raises CodecError (bad codec,
+        non-finite values; the residual is reset then) or TypeError (an entry that is not a float tensor).
+        """
+        spec = parse_codec(codec)
+        key = str(spec)
+        if self._residual and key != self.codec:
+            self.reset(f"codec changed from {self.codec!r} to {key!r}")
+        elif self._residual and not self._matches(delta):
+            self.reset("parameter names or shapes changed")
+        self.codec = key
+        corrected: dict[str, torch.Tensor] = {}
+        try:
+            with torch.no_grad():
+                for name, d in delta.items():
+                    if not isinstance(d, torch.Tensor) or not d.is_floating_point():
+                        raise TypeError(f"{name}: expected a floating-point tensor, got {type(d).__name__}")
+                    r = self._residual.get(name)
+                    if r is None:
+                        corrected[name] = torch.empty(d.shape, dtype=torch.float32, device=d.device).copy_(d)
+                    else:
+                        if r.device != d.device:
+                            r = r.to(d.device)
+                        corrected[name] = r.add_(d)
+                encoded = encode(corrected, spec, generator=generator)
+                if spec.is_lossless:
+                    self._residual = {}
+                    return encoded
+                for name, dec in encoded.decoded.items():
+                    c = corrected[name]
+                    if isinstance(dec, SparseTensor):
+                        c.view(-1).index_add_(0, dec.indices, dec.values, alpha=-1)
+                    else:
+                        c.sub_(dec)
+        except Exception as exc:
+            self.reset(f"encode failed: {exc}")  # the residual was being updated in place
+            raise
+        self._residual = corrected
+        return encoded
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the residual, experiment and codec to ``path`` atomically (temporary file, fsync, rename).
+
+        Layout: ``b"MQEF"`` | u32 LE meta length | msgpack ``{"format", "experiment", "codec"}`` | a
+        common.tensors frame of the residual. Raises OSError when the file cannot be written (the previous
+        file, if any, is then left as it was).
+        """
+        path = os.fspath(path)
+        meta = msgpack.packb({"format": FORMAT, "experiment": self.experiment, "codec": self.codec}, use_bin_type=True)
+        frame = encode_state({n: t.detach() for n, t in self._residual.items()})
+        directory = os.path.dirname(os.path.abspath(path))
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(MAGIC + struct.pack("<I", len(meta)) + meta)
+                f.write(frame)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        try:
+            fd = os.open(directory, os.O_RDONLY)
+        except OSError:  # pragma: no cover - platforms without directory fds
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def load(self, path: str | os.PathLike, codec: str | CodecSpec | None = None) -> bool:
+        """Replace the residual with the one saved at ``path``; returns True when it was restored.
+
+        codec: when given, a residual saved for another codec is not restored.
+        A missing file, an unreadable one, another experiment or another codec leaves a zero residual and
+        logs why (``error_feedback_reset``, or ``error_feedback_fresh`` for a missing file); nothing is
+        raised for those. Raises CodecError only when ``codec`` itself is invalid.
+        """
+        want = str(parse_codec(codec)) if codec is not None else None
+        self._residual = {}
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            log.info("error_feedback_fresh", experiment=self.experiment, path=os.fspath(path))
+            return False
+        except OSError as exc:
+            return self._discard(path, f"unreadable residual file: {exc}")
+        try:
+            meta, residual = _parse_saved(data)
+        except (ValueError, KeyError) as exc:
+            return self._discard(path, f"corrupt residual file: {exc}")
+        if meta["experiment"] != self.experiment:
+            return self._discard(path, f"saved for experiment {meta['experiment']!r}")
+        if want is not None and meta["codec"] != want:
+            return self._discard(path, f"saved for codec {meta['codec']!r}, not {want!r}")
+        self._residual, self.codec = residual, meta["codec"]
+        log.info("error_feedback_restored", experiment=self.experiment, codec=self.codec,
+                 tensors=len(residual), residual_norm=self.residual_norm())
+        return True
+
+    def _discard(self, path: str | os.PathLike, reason: str) -> bool:
+        log.warning("error_feedback_reset", experiment=self.experiment, path=os.fspath(path), reason=reason)
+        return False
+
+    def _matches(self, delta: Mapping[str, torch.Tensor]) -> bool:
+        if set(delta) != set(self._residual):
+            return False
+        return all(tuple(getattr(d, "shape", ())) == tuple(self._residual[n].shape) for n, d in delta.items())
+
+
+def _parse_saved(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, residual) from a file written by ``ErrorFeedback.save``; raises ValueError."""
+    if len(data) < 8 or data[:4] != MAGIC:
+        raise ValueError("bad magic")
+    (meta_len,) = struct.unpack("<I", data[4:8])
+    if meta_len > _MAX_META or 8 + meta_len > len(data):
+        raise ValueError(f"meta length {meta_len} exceeds the file")
+    try:
+        meta = msgpack.unpackb(data[8:8 + meta_len], raw=False, max_bin_len=0)
+    except Exception as exc:
+        raise ValueError(f"unreadable meta: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"unsupported format {meta.get('format') if isinstance(meta, dict) else meta!r:.40}")
+    if not isinstance(meta.get("experiment"), str) or not (meta.get("codec") is None or isinstance(meta["codec"], str)):
+        raise ValueError("meta lacks experiment or codec")
+    if meta["codec"] is not None:
+        try:
+            meta["codec"] = str(parse_codec(meta["codec"]))
+        except CodecError as exc:
+            raise ValueError(str(exc)) from None
+    residual = decode_state(memoryview(data)[8 + meta_len:])
+    for name, t in residual.items():
+        if t.dtype is not torch.float32:
+            raise ValueError(f"{name}: residual is {t.dtype}, expected torch.float32")
+    return meta, residual
