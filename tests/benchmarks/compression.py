@@ -9,7 +9,9 @@ few local SGD steps give), a conservative input for the lossless stages (random 
 For each codec: encode time (``common.codecs.encode``, everything from tensors to bytes), decode time
 (``common.codecs.decode``, bytes to dense tensors / SparseTensors, all checks included), add time (adding
 the decoded update into a dense float32 buffer as the aggregator does: ``index_add_`` for sparse
-entries), wire bytes and raw/wire ratio. Times are the best of --repeat runs on this machine's CPU.
+entries), wire bytes and raw/wire ratio; then the time of one ``ErrorFeedback.compress`` with the default
+codec. Times are the best of --repeat runs on this machine's CPU (--threads 1 gives steadier figures on a
+shared machine: torch's OpenMP threads degrade badly when another process holds the cores).
 
 Prints a table, then one JSON line for the default codec:
 ``{"codec": ..., "ratio": ..., "encode_s": ..., "decode_s": ...}``. main() runs its sections in order and
@@ -31,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 from common.codecs import DEFAULT_CODEC, encode, decode  # noqa: E402
+from common.error_feedback import ErrorFeedback  # noqa: E402
 from common.sparse import SparseTensor  # noqa: E402
 
 MB = 1e6
@@ -104,6 +107,10 @@ def section_codecs(args: argparse.Namespace) -> dict:
         print(f"{spec:<28}{enc.wire_bytes / MB:>10.2f}{enc.ratio:>9.1f}{enc_s:>10.3f}{dec_s:>10.3f}{add_s:>8.3f}",
               flush=True)
         del enc, dec
+    ef = ErrorFeedback("bench")
+    ef.compress(delta, DEFAULT_CODEC)  # first call copies the delta into the residual
+    ef_s, _ = _best(lambda: ef.compress(delta, DEFAULT_CODEC), args.repeat)
+    print(f"ErrorFeedback.compress with {DEFAULT_CODEC} (residual add + encode + residual update): {ef_s:.3f} s")
     chosen = results.get(DEFAULT_CODEC)
     if chosen is None:  # default not in --codecs: report the first one
         chosen = next(iter(results.values()))
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--codecs", type=lambda s: s.split(","), default=CODECS,
                         help="comma-separated codec specs (default: %(default)s)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per measurement; the best is reported")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
