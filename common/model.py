@@ -1,0 +1,93 @@
+"""The keyword-spotting classifier: a Hugging Face `Wav2Vec2ForSequenceClassification`.
+
+`build_model(ModelSpec(name=...))` takes either
+- a preset name from `PRESETS` (random init from a `Wav2Vec2Config`, nothing downloaded): `kws-tiny`
+  (~0.1 M parameters, trains on 2 CPU cores in minutes) or `wav2vec2-base` (the base architecture,
+  94.5 M parameters, for GPU throughput and codec benchmarks), or
+- anything `AutoModelForAudioClassification.from_pretrained` takes: a hub id (`facebook/wav2vec2-base`)
+  or a local directory, offline with `HF_HUB_OFFLINE=1`. The twelve KS labels are set on the head.
+
+`save_model(model, dir)` writes the model and its `Wav2Vec2FeatureExtractor` with `save_pretrained`, so
+`transformers.pipeline("audio-classification", model=dir)` loads it. Input normalisation (zero mean,
+unit variance per clip) is the feature extractor's `do_normalize=True`, done in torch by
+`common.audio.normalize` during training and evaluation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+from transformers import (AutoModelForAudioClassification, Wav2Vec2Config, Wav2Vec2FeatureExtractor,
+                          Wav2Vec2ForSequenceClassification)
+
+from common.audio import SAMPLE_RATE
+from common.labels import ID2LABEL, KS_LABELS, LABEL2ID
+
+_LABELS = dict(num_labels=len(KS_LABELS), label2id=dict(LABEL2ID), id2label=dict(ID2LABEL))
+
+PRESETS: dict[str, dict] = {
+    # Seven 32-channel conv layers (the wav2vec2 feature encoder's kernels and strides: 20 ms frames),
+    # two 64-wide transformer layers. ~0.1 M parameters.
+    "kws-tiny": dict(
+        conv_dim=(32,) * 7, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, classifier_proj_size=32,
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+        final_dropout=0.0, layerdrop=0.0, apply_spec_augment=False,
+    ),
+    # The base architecture (Wav2Vec2Config defaults), random init.
+    "wav2vec2-base": dict(),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Which model to build.
+
+    name: a `PRESETS` key, a hub id or a local directory.
+    freeze_feature_encoder: freeze the convolutional feature encoder (usual wav2vec2 fine-tuning).
+    seed: initialisation seed for presets (every process building the same spec gets the same weights).
+    """
+
+    name: str = "kws-tiny"
+    freeze_feature_encoder: bool = False
+    seed: int = 0
+
+
+def build_model(spec: ModelSpec = ModelSpec()) -> Wav2Vec2ForSequenceClassification:
+    """A KS classifier for `spec` (see the module doc). Raises ValueError/OSError naming the model."""
+    if spec.name in PRESETS:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            model = Wav2Vec2ForSequenceClassification(Wav2Vec2Config(**PRESETS[spec.name], **_LABELS))
+    else:
+        try:
+            model = AutoModelForAudioClassification.from_pretrained(spec.name, **_LABELS)
+        except OSError as exc:
+            known = ", ".join(PRESETS)
+            raise OSError(f"model {spec.name!r} is neither a preset ({known}) nor loadable: {exc}") from exc
+    if spec.freeze_feature_encoder:
+        model.freeze_feature_encoder()
+    return model
+
+
+def feature_extractor() -> Wav2Vec2FeatureExtractor:
+    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
+                                    do_normalize=True, return_attention_mask=False)
+
+
+def save_model(model: torch.nn.Module, out_dir: str | os.PathLike) -> str:
+    """`save_pretrained` the model and its feature extractor into `out_dir`; returns the path."""
+    out_dir = os.fspath(out_dir)
+    model.save_pretrained(out_dir)
+    feature_extractor().save_pretrained(out_dir)
+    return out_dir
+
+
+def float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's floating-point state entries (what federated averaging moves), detached, on CPU."""
+    return {n: t.detach().to("cpu") for n, t in model.state_dict().items() if t.is_floating_point()}
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

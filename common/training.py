@@ -1,0 +1,225 @@
+"""Local training and evaluation of a KS classifier: what a worker runs per task and the coordinator
+runs for central evaluation. No broker, no disk.
+
+`train(model, clips, config, device)` trains `model` in place with AdamW (or SGD), linear warm-up and an
+optional linear decay, gradient clipping, and a random time shift as augmentation; on CUDA under bf16
+autocast. On CPU it is repeatable: the same seed, data and config give the same weights. `evaluate` gives
+accuracy, loss and per-class accuracy.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.audio import SAMPLE_RATE, normalize
+from common.kws_dataset import DataError
+from common.labels import KS_LABELS
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class Clips:
+    """A training or evaluation set in memory: audio (N, 16000) float32 and labels (N,) int64."""
+
+    audio: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.audio.dim() != 2 or self.labels.dim() != 1 or self.audio.shape[0] != self.labels.shape[0]:
+            raise DataError(f"clips: audio {tuple(self.audio.shape)} and labels {tuple(self.labels.shape)} disagree")
+
+    @classmethod
+    def from_arrays(cls, audio: np.ndarray, labels: np.ndarray) -> "Clips":
+        return cls(torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)),
+                   torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Local training hyper-parameters (validated at construction; errors name the field).
+
+    steps: optimizer steps; when 0, `epochs` passes over the data decide (steps = ceil(epochs * N / batch)).
+    batch_size, learning_rate, weight_decay: as usual. warmup_steps: linear warm-up from 0.
+    schedule: `constant` after warm-up, or `linear` decay to 0 at the last step.
+    max_grad_norm: clip the global gradient norm (None: no clipping).
+    optimizer: `adamw` or `sgd` (momentum 0.9).
+    time_shift_s: augmentation, roll each clip by up to this many seconds either way (0: off).
+    seed: batch order, augmentation and dropout.
+    """
+
+    steps: int = 0
+    epochs: float = 0.0
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    optimizer: str = "adamw"
+    time_shift_s: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(field: str, want: str):
+            raise ValueError(f"TrainConfig.{field} must be {want}, got {getattr(self, field)!r}")
+
+        for f in ("steps", "warmup_steps", "seed"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                bad(f, "an int >= 0")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            bad("batch_size", "an int >= 1")
+        for f in ("epochs", "weight_decay", "time_shift_s"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                bad(f, "a finite number >= 0")
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            bad("learning_rate", "a finite number > 0")
+        if self.steps == 0 and self.epochs == 0:
+            raise ValueError("TrainConfig: set steps or epochs (both are 0)")
+        if self.schedule not in SCHEDULES:
+            bad("schedule", f"one of {SCHEDULES}")
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"one of {OPTIMIZERS}")
+        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
+            bad("max_grad_norm", "> 0 or None")
+
+    def total_steps(self, n: int) -> int:
+        return self.steps or max(1, math.ceil(self.epochs * n / self.batch_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean training loss over the steps
+    samples: int  # clips seen (with repeats)
+    seconds: float
+    steps: int
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    accuracy: float
+    loss: float
+    samples: int
+    per_class: dict[str, float]  # accuracy per label (NaN where the label has no clips)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _lr_factor(step: int, total: int, config: TrainConfig) -> float:
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "linear":
+        span = max(1, total - config.warmup_steps)
+        return max(0.0, 1.0 - (step - config.warmup_steps) / span)
+    return 1.0
+
+
+def _shift(batch: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Roll each clip by its own random offset in [-max_shift, max_shift] (zeros come in; vectorised)."""
+    if max_shift <= 0:
+        return batch
+    n, length = batch.shape
+    shifts = torch.randint(-max_shift, max_shift + 1, (n, 1), generator=gen)
+    src = torch.arange(length).unsqueeze(0) - shifts
+    valid = (src >= 0) & (src < length)
+    return torch.where(valid, batch.gather(1, src.clamp(0, length - 1)), torch.zeros((), dtype=batch.dtype))
+
+
+def train(model: torch.nn.Module, clips: Clips, config: TrainConfig, device: str | torch.device = "cpu",
+          on_step: Callable[[int, int, float], None] | None = None) -> TrainResult:
+    """Train `model` in place on `clips`; returns loss, samples, seconds and steps.
+
+    on_step(step, total, loss) is called after each step (progress bars, heartbeats).
+    Raises DataError when `clips` is empty, FloatingPointError when the loss becomes non-finite.
+    """
+    if len(clips) == 0:
+        raise DataError("cannot train on an empty shard")
+    device = torch.device(device)
+    model.to(device).train()
+    total = config.total_steps(len(clips))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=config.learning_rate, momentum=0.9, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    max_shift = int(config.time_shift_s * SAMPLE_RATE)
+    order = torch.randperm(len(clips), generator=gen)
+    pos, loss_sum, samples = 0, 0.0, 0
+    start = time.perf_counter()
+    for step in range(total):
+        if pos + config.batch_size > len(order) and pos > 0:
+            order, pos = torch.randperm(len(clips), generator=gen), 0
+        idx = order[pos:pos + config.batch_size]
+        pos += config.batch_size
+        x = normalize(_shift(clips.audio[idx], max_shift, gen)).to(device, non_blocking=True)
+        y = clips.labels[idx].to(device, non_blocking=True)
+        for group in opt.param_groups:
+            group["lr"] = config.learning_rate * _lr_factor(step, total, config)
+        with _autocast(device):
+            logits = model(input_values=x).logits
+        loss = F.cross_entropy(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        opt.step()
+        loss_value = float(loss.detach())
+        loss_sum += loss_value
+        samples += int(idx.numel())
+        if on_step is not None:
+            on_step(step + 1, total, loss_value)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return TrainResult(loss_sum / total, samples, time.perf_counter() - start, total)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, clips: Clips, device: str | torch.device = "cpu",
+             batch_size: int = 128) -> EvalResult:
+    """Accuracy, mean loss and per-class accuracy of `model` on `clips`. Raises DataError when empty."""
+    if len(clips) == 0:
+        raise DataError("cannot evaluate on an empty split")
+    device = torch.device(device)
+    was_training = model.training
+    model.to(device).eval()
+    preds, loss_sum = [], 0.0
+    for start in range(0, len(clips), batch_size):
+        x = normalize(clips.audio[start:start + batch_size]).to(device)
+        y = clips.labels[start:start + batch_size].to(device)
+        with _autocast(device):
+            logits = model(input_values=x).logits.float()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        preds.append(logits.argmax(-1).cpu())
+    model.train(was_training)
+    pred = torch.cat(preds)
+    correct = pred == clips.labels
+    n_labels = len(KS_LABELS)
+    totals = torch.bincount(clips.labels, minlength=n_labels).double()
+    hits = torch.bincount(clips.labels[correct], minlength=n_labels).double()
+    per_class = {name: (float(h / t) if t else float("nan")) for name, h, t in zip(KS_LABELS, hits, totals)}
+    return EvalResult(float(correct.double().mean()), loss_sum / len(clips), len(clips), per_class)
