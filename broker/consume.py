@@ -8,6 +8,9 @@
   `basic_nack(requeue=False)`, so it ends in the queue's dead-letter exchange, with one clear log line; the
   consumer keeps running. Other handler exceptions propagate (the message is then redelivered).
 - A completed payload that no message claims within the reassembler's timeout is dropped (and logged).
+- A handler that returns `DEFER` takes over the acknowledgement: it keeps `consumer.current_tag` and acks
+  it later with `consumer.ack(tags)` (the coordinator acks buffered updates only once a checkpoint holds
+  them). A deferred delivery that is never acked is redelivered when the channel closes.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from common.chunks import ChunkError, CompletedTransfer, Reassembler, is_chunk
 from common.logs import get_logger
 
 log = get_logger(__name__)
-Handler = Callable[[messages.Message, "CompletedTransfer | None"], None]
+Handler = Callable[[messages.Message, "CompletedTransfer | None"], object]
+DEFER = "defer"  # handler return value: the handler acks `consumer.current_tag` itself, later
 
 
 @dataclasses.dataclass
@@ -46,6 +50,7 @@ class MessageConsumer:
         self.payloads: dict[str, CompletedTransfer] = {}
         self._payload_since: dict[str, float] = {}
         self.stats = ConsumerStats()
+        self.current_tag: int | None = None
         self._stop = False
         channel.basic_qos(prefetch_count=prefetch)
         self.tag = channel.basic_consume(queue, self._on_delivery, consumer_tag=consumer_tag)
@@ -82,15 +87,23 @@ class MessageConsumer:
                 self._payload_since.pop(ref.transfer_id, None)
                 if payload is None:
                     raise messages.InvalidField(f"payload transfer {ref.transfer_id} not received (or incomplete)")
+            self.current_tag = tag
             try:
-                self.handler(msg, payload)
+                outcome = self.handler(msg, payload)
             finally:
+                self.current_tag = None
                 if payload is not None:
                     payload.close()
         except messages.MessageError as exc:
             self._reject([tag], f"{type(exc).__name__}: {exc}", message_id=props.message_id, type=props.type)
             return
-        ch.basic_ack(tag)
+        if outcome != DEFER:
+            ch.basic_ack(tag)
+
+    def ack(self, tags: list[int]) -> None:
+        """Acknowledge deliveries a handler deferred (see DEFER)."""
+        for tag in tags:
+            self.channel.basic_ack(tag)
 
     def expire(self) -> None:
         """Reject transfers that stalled, and drop completed payloads no message claimed in time."""

@@ -1,0 +1,42 @@
+"""The run record: one JSON object per line, one line per model version (plus a final summary line).
+
+Each version line: `version`, `time_s` (seconds of experiment time), `accuracy` / `loss` (central
+evaluation, null when not evaluated at that version), `staleness` (of each applied update), `workers`,
+`updates`, `bytes_received` (wire bytes of the applied updates), `raw_bytes`, `compression_ratio`,
+`delta_norm`. Lines are appended and flushed as versions happen; on resume, lines for versions newer than
+the checkpoint are dropped (they are made again).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class RunRecord:
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, entry: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def lines(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a crash mid-write
+                continue
+        return out
+
+    def truncate_after(self, version: int) -> None:
+        """Keep only version lines up to `version` (used when resuming from a checkpoint)."""
+        kept = [e for e in self.lines() if "version" in e and e["version"] <= version and e.get("kind") != "summary"]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        os.replace(tmp, self.path)
+

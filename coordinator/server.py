@@ -1,0 +1,407 @@
+"""The coordinator: FedBuff over RabbitMQ. One process per experiment is active; the I/O shell around the
+pure aggregator (coordinator/aggregator.py) and dispatcher (coordinator/dispatch.py).
+
+Loop (one thread, one pika connection):
+1. keep the train tasks the dispatcher wants on `mqfed.<exp>.tasks` (per-message expiry = deadline);
+2. consume `mqfed.<exp>.updates` (single active consumer): decode the payload (common/codecs.py), validate
+   and buffer it in the aggregator. A buffered update's delivery is acknowledged only once a checkpoint
+   holds it, so a coordinator that dies loses nothing: the broker redelivers, and the restarted
+   coordinator (from the last checkpoint) applies it exactly once;
+3. at every new version: evaluate (every `eval_every`), append to the run record, checkpoint atomically,
+   acknowledge the updates it contains, publish the model to the model stream, export the best model;
+4. stop at the configured target, leaving the export and a summary line in the record.
+
+Invalid updates (undecodable payload, NaN, wrong shapes, unknown parameters, norm above the bound, another
+experiment, a version from the future) are dead-lettered with a log line naming the problem; stale
+updates (staleness above `max_staleness`) are acknowledged, counted and dropped, as FedBuff prescribes.
+
+Only one coordinator of an experiment is active: it holds an exclusive lock on `<run_dir>/lock`. A
+replica started beside it waits for the lock, then resumes from the checkpoint (single active consumer
+on the updates queue keeps a second consumer idle meanwhile, even where the lock cannot be shared).
+A lost broker connection is handled the same way: reconnect with back-off and resume from the
+checkpoint, so the deliveries the old channel held are redelivered and applied once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from broker import topology
+from broker.consume import DEFER, MessageConsumer, publish_message
+from common import codecs, messages
+from common.amqp import RETRYABLE, connect
+from common.chunks import Reassembler
+from common.kws_dataset import to_arrays
+from common.logs import get_logger
+from common.model import ModelSpec, build_model, parameter_count, save_model
+from common.model_store import ModelStore
+from common.tensors import encode_state
+from common.training import Clips, EvalResult, evaluate
+from coordinator import checkpoint
+from coordinator.aggregator import Aggregator, AggregationRecord, ClientUpdate, UpdateRejected
+from coordinator.dispatch import Dispatcher
+from coordinator.experiment import ExperimentConfig
+from coordinator.record import RunRecord
+
+log = get_logger(__name__)
+
+
+class Stop(Exception):
+    """Raised inside the loop when the experiment reached its stop condition."""
+
+
+def load_eval_clips(cfg: ExperimentConfig) -> Clips:
+    from datasets import load_from_disk
+
+    from common.kws_dataset import DataError
+
+    try:
+        split = load_from_disk(cfg.data.path)[cfg.data.eval_split]
+    except FileNotFoundError:
+        raise DataError(f"data.path {cfg.data.path!r}: no data set there (make one with `mqfed-worker data synth`)") from None
+    except KeyError:
+        raise DataError(f"data.path {cfg.data.path!r} has no {cfg.data.eval_split!r} split") from None
+    if cfg.data.eval_max_clips and len(split) > cfg.data.eval_max_clips:
+        idx = np.random.default_rng(0).permutation(len(split))[:cfg.data.eval_max_clips]
+        split = split.select(np.sort(idx))
+    return Clips.from_arrays(*to_arrays(split))
+
+
+class Coordinator:
+    """Runs one experiment (see the module doc). `run()` returns the summary dict."""
+
+    def __init__(self, cfg: ExperimentConfig, url: str | None = None, node: str | None = None,
+                 on_version=None) -> None:
+        self.cfg, self.url, self.node = cfg, url, node
+        self.name = cfg.experiment.name
+        self.topo = topology.Topology(self.name)
+        self.run_dir = Path(cfg.experiment.run_path)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = self.run_dir / "checkpoint.pt"
+        self.export_dir = self.run_dir / "export"
+        self.record = RunRecord(self.run_dir / "record.jsonl")
+        self.on_version = on_version
+        self.model = build_model(dataclasses.replace(cfg.model, seed=cfg.experiment.seed))
+        self.model.eval()
+        self.state = self.model.state_dict()
+        self._initial_state = {n: t.clone() for n, t in self.state.items()}
+        self.numel = sum(t.numel() for t in self.state.values())
+        self.eval_clips = load_eval_clips(cfg)
+        self._stop_requested = threading.Event()
+        self._lock_fd: int | None = None
+        self._reset()
+
+    # -- state -------------------------------------------------------------------------------------------
+    def _reset(self) -> None:
+        """Fresh in-memory state at version 0 (then `_resume` loads the checkpoint over it)."""
+        cfg = self.cfg
+        with torch.no_grad():
+            for name, t in self.state.items():
+                t.copy_(self._initial_state[name])
+        self.aggregator = Aggregator(self.state, cfg.fedbuff.aggregator_config(self.name), cfg.server_optimizer)
+        self.dispatcher = Dispatcher(cfg.fedbuff.mode, cfg.fedbuff.concurrency, cfg.tasks.deadline_s)
+        self.elapsed_before = 0.0
+        self.best = {"accuracy": -1.0, "version": -1}
+        self.last_eval: dict | None = None
+        self.pending_acks: list[int] = []
+        self.window = {"wire": 0, "raw": 0}
+        self.counters = {"dead_lettered": 0, "stale_dropped": 0, "codec_errors": 0, "tasks_expired": 0}
+        self.workers: dict[str, dict] = {}
+
+    def _checkpoint_state(self) -> dict:
+        return {
+            "experiment": self.name,
+            "aggregator": self.aggregator.state_dict(include_model=True),
+            "dispatcher": self.dispatcher.state_dict(),
+            "elapsed_s": self.elapsed(),
+            "best": dict(self.best),
+            "counters": dict(self.counters),
+            "workers": json.dumps(self.workers),
+        }
+
+    def _resume(self) -> bool:
+        state = checkpoint.load(self.ckpt_path, self.name)
+        self._reset()
+        if state is None:
+            return False
+        self.aggregator.load_state_dict(state["aggregator"])
+        self.dispatcher.load_state_dict(state["dispatcher"])
+        self.elapsed_before = float(state["elapsed_s"])
+        self.best = dict(state["best"])
+        self.counters.update(state["counters"])
+        self.workers = json.loads(state["workers"])
+        self.record.truncate_after(self.aggregator.version)
+        log.info("coordinator_resumed", version=self.aggregator.version, elapsed_s=round(self.elapsed_before, 1),
+                 best=self.best, buffered=self.aggregator.buffered)
+        return True
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.monotonic() - self._session_start)
+
+    @property
+    def version(self) -> int:
+        return self.aggregator.version
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def request_stop(self, *_args) -> None:
+        """Stop after the current message (signal-safe): unacknowledged work is redelivered later."""
+        self._stop_requested.set()
+
+    def _acquire_lock(self) -> None:
+        fd = os.open(self.run_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("coordinator_standby", run_dir=str(self.run_dir), reason="another coordinator holds the lock")
+            while not self._stop_requested.is_set():
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(0.5)
+            else:
+                os.close(fd)
+                raise Stop("stopped while standing by")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def run(self) -> dict:
+        """Run until a stop condition or `request_stop()`; returns the summary."""
+        self._session_start = time.monotonic()
+        try:
+            self._acquire_lock()
+        except Stop:
+            return {"stopped": "standby"}
+        delay = 0.5
+        try:
+            while True:
+                try:
+                    return self._session()
+                except RETRYABLE as exc:
+                    if self._stop_requested.is_set():
+                        return self.summary("signal")
+                    log.warning("coordinator_connection_lost", error=repr(exc), retry_in_s=delay)
+                    time.sleep(delay)
+                    delay = min(30.0, delay * 2)
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def _session(self) -> dict:
+        """One broker connection's worth of work; resumes from the checkpoint first."""
+        self._resume()
+        self._session_start = time.monotonic()
+        conn = connect("coordinator", self.node, self.name, self.url, max_delay=10.0)
+        try:
+            ch = conn.channel()
+            topology.declare(ch, self.topo)
+            self.pub = conn.channel()
+            self.pub.confirm_delivery()
+            self.store = ModelStore(self.pub, self.topo, cache_dir=self.run_dir / "model-cache")
+            latest = self.store.latest()
+            if latest is None or latest.version < self.version:
+                self._publish_model()
+            events = conn.channel()
+            q = events.queue_declare("", exclusive=True, auto_delete=True).method.queue
+            for key in ("registration.#", "heartbeat.#", "metrics.#"):
+                events.queue_bind(q, self.topo.events, routing_key=key)
+            events.basic_consume(q, self._on_event, auto_ack=True)
+            prefetch = max(16, 2 * self.aggregator.config.buffer_size + 8)
+            self.consumer = MessageConsumer(conn.channel(), self.topo.updates, self._on_update, prefetch=prefetch,
+                                            reassembler=Reassembler(spool_dir=str(self.run_dir)),
+                                            consumer_tag=f"coordinator:{self.node or os.uname().nodename}:{os.getpid()}")
+            log.info("coordinator_started", experiment=self.name, version=self.version, mode=self.cfg.fedbuff.mode,
+                     params=parameter_count(self.model), concurrency=self.cfg.fedbuff.concurrency,
+                     buffer_size=self.aggregator.config.buffer_size)
+            try:
+                while True:
+                    self._check_stop()
+                    self._dispatch()
+                    conn.process_data_events(time_limit=0.2)
+                    self.consumer.expire()
+                    expired = self.dispatcher.expire(time.time())
+                    if expired:
+                        self.counters["tasks_expired"] += len(expired)
+                        log.warning("tasks_expired", count=len(expired), version=self.version)
+            except Stop as stop:
+                return self._finish(str(stop), ch)
+        finally:
+            if conn.is_open:
+                try:
+                    conn.close()
+                except Exception:  # closing a broken connection
+                    pass
+
+    def _check_stop(self) -> None:
+        s = self.cfg.stop
+        if self._stop_requested.is_set():
+            raise Stop("signal")
+        if s.max_versions and self.version >= s.max_versions:
+            raise Stop("max_versions")
+        if s.target_accuracy and self.best["accuracy"] >= s.target_accuracy:
+            raise Stop("target_accuracy")
+        if s.max_wall_s and self.elapsed() >= s.max_wall_s:
+            raise Stop("max_wall_s")
+
+    def _finish(self, reason: str, ch) -> dict:
+        if reason != "signal":
+            if self.last_eval is None or self.last_eval["version"] != self.version:
+                self._evaluate()
+            ch.queue_purge(self.topo.tasks)  # nothing left for workers to do
+        summary = self.summary(reason)
+        if reason != "signal":
+            self.record.append({"kind": "summary", **summary})
+        log.info("coordinator_finished", **summary)
+        return summary
+
+    def summary(self, reason: str) -> dict:
+        return {
+            "reason": reason, "versions": self.version, "wall_s": round(self.elapsed(), 1),
+            "best_accuracy": self.best["accuracy"], "best_version": self.best["version"],
+            "final_accuracy": self.last_eval["accuracy"] if self.last_eval else None,
+            "export": str(self.export_dir) if self.export_dir.exists() else None,
+            "counters": {**self.aggregator.counters, **self.counters, "issued": self.dispatcher.issued},
+            "workers": sorted(self.workers),
+        }
+
+    # -- messages ----------------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        for planned in self.dispatcher.to_issue(self.version, time.time()):
+            local = self.cfg.local
+            task = messages.TrainTask(
+                experiment=self.name, task_id=planned.task_id, min_version=planned.min_version,
+                local_steps=local.steps, batch_size=local.batch_size, learning_rate=local.learning_rate,
+                deadline_unix=planned.deadline_unix, codec=self.cfg.tasks.codec, local_epochs=0,
+                options={"epochs": local.epochs, "warmup_steps": local.warmup_steps, "schedule": local.schedule,
+                         "weight_decay": local.weight_decay, "max_grad_norm": local.max_grad_norm,
+                         "optimizer": local.optimizer, "time_shift_s": local.time_shift_s})
+            publish_message(self.pub, self.topo.work_exchange, self.topo.TASKS_KEY, task, message_id=planned.task_id,
+                            expiration=str(int(self.cfg.tasks.deadline_s * 1000)))
+
+    def _on_event(self, _ch, method, props, body) -> None:
+        try:
+            msg = messages.decode(body)
+        except messages.MessageError as exc:
+            log.warning("event_invalid", routing_key=method.routing_key, error=str(exc))
+            return
+        if getattr(msg, "experiment", None) != self.name:
+            return
+        if isinstance(msg, messages.Registration):
+            self.workers[msg.node] = {"devices": msg.devices, "shard": msg.shard, "shard_size": msg.shard_size,
+                                      "last_seen": time.time()}
+            log.info("worker_registered", node=msg.node, devices=msg.devices, shard=msg.shard, shard_size=msg.shard_size)
+        elif isinstance(msg, messages.Heartbeat):
+            self.workers.setdefault(msg.node, {})["last_seen"] = time.time()
+        elif isinstance(msg, messages.Metrics) and "val_accuracy" in msg.values:
+            self.record.append({"kind": "federated_eval", "version": msg.version, "worker": msg.source,
+                                "time_s": round(self.elapsed(), 2), **msg.values})
+            log.info("federated_eval", worker=msg.source, version=msg.version, **msg.values)
+
+    def _on_update(self, msg: messages.Message, payload) -> object:
+        if not isinstance(msg, messages.Update):
+            raise messages.InvalidField(f"{messages.type_tag(msg)} message on the updates queue")
+        data = payload.read_bytes() if payload is not None else msg.payload.inline
+        version = self.version
+        try:
+            delta = codecs.decode(data, expected_codec=msg.codec, max_elements=self.numel)
+        except codecs.CodecError as exc:
+            self.counters["codec_errors"] += 1
+            self.counters["dead_lettered"] += 1
+            self.dispatcher.finished(msg.task_id, False, version)
+            raise messages.InvalidField(f"update {msg.task_id} from {msg.worker_id}: payload: {exc}") from None
+        update = ClientUpdate(msg.experiment, msg.task_id, msg.worker_id, msg.base_version, msg.num_samples, delta)
+        try:
+            result = self.aggregator.add(update)
+        except UpdateRejected as exc:
+            self.dispatcher.finished(msg.task_id, False, version)
+            if exc.reason == "stale":
+                self.counters["stale_dropped"] += 1
+                return None  # acknowledged, counted, dropped
+            self.counters["dead_lettered"] += 1
+            raise messages.InvalidField(f"update {msg.task_id} from {msg.worker_id} rejected: {exc}") from None
+        self.dispatcher.finished(msg.task_id, result.status == "accepted", version)
+        if result.status == "duplicate":
+            return None
+        self.pending_acks.append(self.consumer.current_tag)
+        self.window["wire"] += msg.wire_bytes
+        self.window["raw"] += msg.raw_bytes
+        if result.record is not None:
+            self._new_version(result.record)
+        return DEFER
+
+    # -- versions ----------------------------------------------------------------------------------------
+    def _evaluate(self) -> EvalResult:
+        result = evaluate(self.model, self.eval_clips)
+        self.last_eval = {"version": self.version, "accuracy": result.accuracy, "loss": result.loss}
+        if result.accuracy > self.best["accuracy"]:
+            self.best = {"accuracy": result.accuracy, "version": self.version}
+            self._export()
+        return result
+
+    def _export(self) -> None:
+        tmp = self.run_dir / f".export-{os.getpid()}"
+        save_model(self.model, tmp)
+        (tmp / "mqfed.json").write_text(json.dumps({"experiment": self.name, "version": self.version,
+                                                    "accuracy": self.best["accuracy"]}))
+        old = self.run_dir / f".export-old-{os.getpid()}"
+        if self.export_dir.exists():
+            os.replace(self.export_dir, old)
+        os.replace(tmp, self.export_dir)
+        if old.exists():
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _publish_model(self) -> None:
+        self.store.publish(self.version, encode_state({n: t.detach() for n, t in self.state.items()}))
+
+    def _new_version(self, record: AggregationRecord) -> None:
+        entry = {"version": record.version, "time_s": round(self.elapsed(), 2), "accuracy": None, "loss": None,
+                 "staleness": list(record.staleness), "workers": list(record.worker_ids), "updates": len(record.worker_ids),
+                 "bytes_received": self.window["wire"], "raw_bytes": self.window["raw"],
+                 "compression_ratio": round(self.window["raw"] / max(1, self.window["wire"]), 2),
+                 "delta_norm": round(record.delta_norm, 6)}
+        every = self.cfg.tasks.eval_every
+        if every and record.version % every == 0:
+            result = self._evaluate()
+            entry.update(accuracy=round(result.accuracy, 4), loss=round(result.loss, 4))
+        self.record.append(entry)
+        checkpoint.save(self.ckpt_path, self._checkpoint_state())
+        self.consumer.ack(self.pending_acks)
+        self.pending_acks = []
+        self.window = {"wire": 0, "raw": 0}
+        self._publish_model()
+        fe = self.cfg.tasks.federated_eval_every
+        if fe and record.version % fe == 0:
+            self._issue_evaluations()
+        log.info("version", **{k: entry[k] for k in ("version", "time_s", "accuracy", "staleness", "updates")},
+                 best=round(self.best["accuracy"], 4))
+        if self.on_version is not None:
+            self.on_version(entry)
+
+    def _issue_evaluations(self) -> None:
+        """One evaluate task per registered trainer (they answer with metrics on the events exchange)."""
+        trainers = sum(len(w.get("devices", [])) for w in self.workers.values()) or 1
+        for i in range(trainers):
+            task = messages.EvaluateTask(self.name, f"eval-v{self.version}-{i}", self.version, "validation",
+                                         time.time() + self.cfg.tasks.deadline_s)
+            publish_message(self.pub, self.topo.work_exchange, self.topo.TASKS_KEY, task, message_id=task.task_id,
+                            expiration=str(int(self.cfg.tasks.deadline_s * 1000)))
+
+
+def install_signal_handlers(coordinator: Coordinator) -> None:
+    signal.signal(signal.SIGTERM, coordinator.request_stop)
+    signal.signal(signal.SIGINT, coordinator.request_stop)
+
+
