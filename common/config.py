@@ -1,0 +1,310 @@
+"""TOML configuration into frozen dataclasses, with environment and command-line overrides.
+
+A config is a frozen dataclass whose fields are plain values (``str``, ``int``, ``float``, ``bool``,
+``X | None``, ``list[str]``, ``tuple[...]``, ``dict[str, float]``, ``Literal[...]``, ``Path``) or
+dataclass-typed fields, the sections, nested to any depth (a section is not Optional). Layers, lowest
+to highest::
+
+    dataclass defaults  <  TOML file  <  environment  <  overrides (dotted keys, from CLI flags)
+
+For ``Experiment(name: str, fedbuff: AggregatorConfig)`` the file ``exp.toml``::
+
+    name = "ks-baseline"
+
+    [fedbuff]
+    buffer_size = 8
+    max_staleness = "none"      # TOML has no null: "none" means None where a string is not a valid value
+
+and ``MQFED_FEDBUFF_BUFFER_SIZE=4 MQFED_NAME=ks-tuned`` in the environment, then
+``load_config(Experiment, "exp.toml", overrides={"fedbuff.staleness_a": 0.25})`` gives name "ks-tuned",
+buffer_size 4, staleness_a 0.25 and every other value from the file or the dataclass defaults. A section
+absent from every layer is its field's default; a section partly set starts from that default.
+
+Environment: ``env_prefix`` + the dotted path with dots as ``_``, upper-cased (``fedbuff.buffer_size``
+-> ``MQFED_FEDBUFF_BUFFER_SIZE``, top-level ``name`` -> ``MQFED_NAME``), matched against the known paths,
+never split on ``_``. A value is read as a TOML value when it parses and fits the field (``4``, ``0.5``,
+``true``, ``["a", "b"]``, ``{a = 1.0}``, ``"quoted"``), otherwise as the bare string (``node-a``; ``123``
+for a str field stays ``"123"``). For an Optional field ``""`` and ``none`` (any case) mean None.
+Prefixed variables that match no field are ignored, because other tools share the prefix
+(``MQFED_LOG_LEVEL``, ``MQFED_CACHE_DIR``); ``strict_env=True`` refuses them instead.
+
+Everything is checked once, at load: unknown keys (with "did you mean"), wrong types (bool is not an
+int, an int is accepted for a float, None only for Optional fields), a section given as a value or a
+value as a table, a missing or unparsable file. The errors are ``ConfigError`` (a ``ValueError``) naming
+the dotted key and its source: the file path, the environment variable, or ``override``. Errors raised by
+a dataclass's ``__post_init__`` come back as ``ConfigError`` prefixed with the section's path.
+
+``config_to_dict`` gives the plain nested dict (for JSON); ``dump_toml`` writes TOML that loads back to
+an equal config. It omits None fields whose default is None and writes ``"none"`` for the others; a
+``str | None`` field with a non-None default cannot be written as None and is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import sys
+import types
+from collections.abc import Mapping
+from pathlib import PurePath
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - pyproject installs tomli on 3.10
+    import tomli as tomllib
+
+__all__ = ["ConfigError", "config_to_dict", "dump_toml", "load_config"]
+
+T = TypeVar("T")
+Flat = dict[str, tuple[Any, str]]  # dotted key -> (value, source), the merged layers
+
+
+class ConfigError(ValueError):
+    """A configuration was refused; the message names the dotted key and where its value came from."""
+
+
+def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, *,
+                env: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None,
+                env_prefix: str = "MQFED_", strict_env: bool = False) -> T:
+    """Build ``cls`` from its defaults, the TOML file at ``path``, ``env`` (``os.environ`` when None;
+    pass ``{}`` to ignore the environment) and ``overrides`` (dotted key -> value; a None value sets
+    None, so leave out the flags that were not given). Raises ConfigError; see the module docstring."""
+    if not _is_section(cls):
+        raise TypeError(f"load_config needs a dataclass, got {cls!r}")
+    flat: Flat = {}
+    if path is not None:
+        _flatten(cls, _read_toml(path), os.fspath(path), "", flat)
+    names = _env_names(cls, env_prefix)
+    for name, raw in (os.environ if env is None else env).items():
+        if name in names:
+            key, tp = names[name]
+            flat[key] = (_from_env(raw, tp, key, name), name)
+        elif strict_env and name.startswith(env_prefix):
+            raise ConfigError(f"{name}: environment variable matches no config key{_suggest(name, names)}")
+    for key, value in (overrides or {}).items():
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _flatten(cls, nested, "override", "", flat)
+    return _build(cls, flat, "", None)
+
+
+def config_to_dict(obj: object) -> dict[str, Any]:
+    """The config as nested dicts of plain values (tuples as lists, paths as str, None kept)."""
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        raise TypeError(f"config_to_dict needs a dataclass instance, got {obj!r}")
+    return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+
+
+def dump_toml(obj: object) -> str:
+    """TOML text for the config ``obj``: top-level values, then one ``[table]`` per section."""
+    lines: list[str] = []
+
+    def table(o: Any, path: list[str]) -> None:
+        if path:
+            lines.append(f"\n[{'.'.join(map(_toml_key, path))}]")
+        hints, sections = get_type_hints(type(o)), []
+        for f in (f for f in dataclasses.fields(o) if f.init):
+            value, tp = getattr(o, f.name), hints[f.name]
+            if _is_section(tp):
+                sections.append((f.name, value))
+            elif value is not None:
+                lines.append(f"{_toml_key(f.name)} = {_toml_value(_plain(value))}")
+            elif _default(f) is not None:  # omitted, it would load as its default
+                if any(_accepts(a, "none") for a in get_args(tp) if a is not type(None)):
+                    raise ConfigError(f"{'.'.join(path + [f.name])}: None cannot be written as TOML here "
+                                      f"(a string field whose default is not None)")
+                lines.append(f'{_toml_key(f.name)} = "none"')
+        for name, value in sections:
+            table(value, path + [name])
+
+    table(obj, [])
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _is_section(tp: object) -> bool:
+    return isinstance(tp, type) and get_origin(tp) is None and dataclasses.is_dataclass(tp)
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
+    hints = get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _env_names(cls: type, prefix: str, path: str = "") -> dict[str, tuple[str, Any]]:
+    """Environment variable name -> (dotted key, type) for every value field of ``cls``."""
+    names: dict[str, tuple[str, Any]] = {}
+    for f, tp in _fields(cls):
+        key = path + f.name
+        found = _env_names(tp, prefix, key + ".") if _is_section(tp) else \
+            {prefix + key.replace(".", "_").upper(): (key, tp)}
+        for name, (other, _) in found.items():
+            if name in names:
+                raise ConfigError(f"{name}: ambiguous environment name for {names[name][0]} and {other}")
+        names.update(found)
+    return names
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{os.fspath(path)}: cannot read config file: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # the message gives the line and column
+        raise ConfigError(f"{os.fspath(path)}: invalid TOML: {e}") from None
+
+
+def _flatten(cls: type, data: Mapping[str, Any], src: str, prefix: str, flat: Flat) -> None:
+    """Record ``data``'s values into ``flat``, refusing unknown keys and values given for sections."""
+    known = {f.name: tp for f, tp in _fields(cls)}
+    for name, value in data.items():
+        key, tp = prefix + name, known.get(name, dataclasses.MISSING)
+        if tp is dataclasses.MISSING:
+            raise ConfigError(f"{key}: unknown key{_suggest(name, known)} (from {src})")
+        if not _is_section(tp):
+            flat[key] = (value, src)
+        elif isinstance(value, Mapping):
+            _flatten(tp, value, src, key + ".", flat)
+        else:
+            raise ConfigError(f"{key}: is a section, expected a table, got {_show(value)} (from {src})")
+
+
+def _from_env(raw: str, tp: Any, key: str, name: str) -> Any:
+    if type(None) in get_args(tp) and raw.strip().lower() in ("", "none"):
+        return None
+    try:
+        parsed = tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError:
+        return raw
+    return parsed["v"] if len(parsed) == 1 and _accepts(tp, parsed["v"]) else raw
+
+
+def _build(cls: type[T], flat: Flat, prefix: str, base: Any) -> T:
+    """``cls`` from the ``flat`` values under ``prefix``, on top of ``base`` (an instance) or defaults."""
+    kwargs: dict[str, Any] = {}
+    for f, tp in _fields(cls):
+        key = prefix + f.name
+        if _is_section(tp):
+            sub = _default(f) if base is None else getattr(base, f.name)
+            if sub is dataclasses.MISSING or any(k.startswith(key + ".") for k in flat):
+                kwargs[f.name] = _build(tp, flat, key + ".", None if sub is dataclasses.MISSING else sub)
+        elif key in flat:
+            kwargs[f.name] = _convert(flat[key][0], tp, key, flat[key][1])
+        elif base is None and _default(f) is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required, set it in the file, the environment or an override")
+    try:
+        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        sources = sorted({src for k, (_, src) in flat.items() if k.startswith(prefix)})
+        raise ConfigError(f"{prefix[:-1] or 'top level'}: {e} (from {', '.join(sources) or 'defaults'})") \
+            from e
+
+
+def _accepts(tp: Any, value: Any) -> bool:
+    try:
+        _convert(value, tp, "", "")
+        return True
+    except ConfigError:
+        return False
+
+
+def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
+    """``value`` checked against ``tp`` (arrays become list or tuple, ints become float for floats)."""
+    origin, args = get_origin(tp), get_args(tp)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)} (from {src})")
+    if tp is Any or tp is object:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None) and _accepts(arg, value):
+                return _convert(value, arg, key, src)
+        if type(None) in args and isinstance(value, str) and value.lower() == "none":
+            return None
+        raise bad
+    if origin is Literal:
+        if any(type(value) is type(a) and value == a for a in args):
+            return value
+        raise bad
+    if tp in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise bad
+            return tuple(_convert(v, a, f"{key}[{i}]", src) for i, (v, a) in enumerate(zip(value, args)))
+        items = [_convert(v, args[0] if args else Any, f"{key}[{i}]", src) for i, v in enumerate(value)]
+        return items if (origin or tp) is list else tuple(items)
+    if tp is dict or origin is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise bad
+        return {k: _convert(v, args[1] if args else Any, f"{key}.{k}", src) for k, v in value.items()}
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(tp, type) and issubclass(tp, PurePath) and isinstance(value, (str, PurePath)):
+        return tp(value)
+    if origin is None and isinstance(tp, type) and isinstance(value, tp) \
+            and (tp is bool or not isinstance(value, bool)):
+        return value
+    raise bad
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) and get_origin(tp) is None else str(tp).replace("typing.", "")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _suggest(name: str, candidates: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return config_to_dict(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value) if isinstance(value, PurePath) else value
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else "nan" if math.isnan(value) else \
+            ("inf" if value > 0 else "-inf")
+    if isinstance(value, str):  # JSON escapes are valid TOML escapes; TOML also forbids a raw DEL
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise ConfigError(f"cannot write {_show(value)} as TOML")
