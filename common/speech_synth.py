@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +40,22 @@ def _locate() -> tuple[str, str | None]:
         return path, None
 
 
+def _load_private(lib_path: str) -> ctypes.CDLL:
+    """Load a private copy of libespeak-ng, so each Synthesizer starts from the library's initial state.
+
+    espeak-ng keeps static state between utterances that no API resets (the pitch flutter index, the
+    wave generator's gain and phase), so the same word comes out slightly different depending on what
+    was spoken before in the process. A fresh copy makes a sequence of calls reproducible. A bare library
+    name (system install found by ctypes.util) is loaded as is.
+    """
+    if not os.path.isfile(lib_path):
+        return ctypes.CDLL(lib_path)
+    with tempfile.TemporaryDirectory(prefix="mqfed-espeak-") as tmp:
+        private = os.path.join(tmp, os.path.basename(lib_path))
+        shutil.copyfile(lib_path, private)
+        return ctypes.CDLL(private)  # stays mapped after the file is removed
+
+
 @dataclass(frozen=True)
 class Voice:
     """A speaker: an espeak-ng language voice with a voice variant, e.g. `en-us+f3`."""
@@ -56,7 +74,7 @@ class Synthesizer:
     def __init__(self) -> None:
         lib_path, data_path = _locate()
         try:
-            self._lib = ctypes.CDLL(lib_path)
+            self._lib = _load_private(lib_path)
         except OSError as exc:
             raise SynthesisUnavailable(f"cannot load {lib_path}: {exc}") from exc
         data_dir = os.path.dirname(data_path).encode() if data_path else None
@@ -81,6 +99,8 @@ class Synthesizer:
         self._lib.espeak_SetParameter(_ESPEAK_RATE, int(rate_wpm), 0)
         self._lib.espeak_SetParameter(_ESPEAK_PITCH, int(pitch), 0)
         self._lib.espeak_SetParameter(_ESPEAK_RANGE, int(pitch_range), 0)
+        if hasattr(self._lib, "espeak_ng_SetRandSeed"):  # espeak-ng >= 1.52; Initialize seeds it with time()
+            self._lib.espeak_ng_SetRandSeed(ctypes.c_long(0))
         self._chunks = []
         data = text.encode() + b"\0"
         err = self._lib.espeak_Synth(data, len(data), 0, _POS_CHARACTER, 0, _ESPEAK_CHARS_AUTO, None, None)
