@@ -143,7 +143,8 @@ def _stamp(spec: SynthSpec) -> dict:
 
 def build(out_dir: str | os.PathLike, spec: SynthSpec = SynthSpec(), progress: bool = True) -> DatasetDict:
     """The corpus for `spec` in `out_dir`: reused when the directory holds the same spec, else made and
-    written atomically (to a temporary directory beside it, then renamed)."""
+    written atomically (to a temporary directory beside it, then renamed). A non-empty `out_dir` that is
+    not a corpus (no stamp file) is never replaced: DataError."""
     out = Path(out_dir)
     stamp_path = out / STAMP
     if stamp_path.exists():
@@ -156,6 +157,8 @@ def build(out_dir: str | os.PathLike, spec: SynthSpec = SynthSpec(), progress: b
         except (OSError, ValueError) as exc:
             log.warning("synth_corpus_cache_unusable", path=str(out), error=str(exc))
         log.info("synth_corpus_rebuild", path=str(out), reason="spec differs or cache unreadable")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} exists and is not a synthetic KS corpus (no {STAMP}); not replacing it")
     dd = generate(spec, progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
