@@ -85,7 +85,8 @@ class TrainConfig:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(f, "a finite number >= 0")
-        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate) and self.learning_rate > 0):
+        lr = self.learning_rate
+        if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             bad("learning_rate", "a finite number > 0")
         if self.steps == 0 and self.epochs == 0:
             raise ValueError("TrainConfig: set steps or epochs (both are 0)")
@@ -93,7 +94,8 @@ class TrainConfig:
             bad("schedule", f"one of {SCHEDULES}")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"one of {OPTIMIZERS}")
-        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
+        norm = self.max_grad_norm
+        if norm is not None and (isinstance(norm, bool) or not (isinstance(norm, (int, float)) and norm > 0)):
             bad("max_grad_norm", "> 0 or None")
 
     def total_steps(self, n: int) -> int:
