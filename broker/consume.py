@@ -8,12 +8,16 @@
   `basic_nack(requeue=False)`, so it ends in the queue's dead-letter exchange, with one clear log line; the
   consumer keeps running. Other handler exceptions propagate (the message is then redelivered).
 - A completed payload that no message claims within the reassembler's timeout is dropped (and logged).
+- Deliveries are queued by pika's callback and handled by `poll()` / `run()` afterwards, outside pika's
+  callback: a handler may then do broker I/O of its own on the same connection (publish with confirms,
+  read a stream), which pika would not dispatch from inside a callback.
 - A handler that returns `DEFER` takes over the acknowledgement: it keeps `consumer.current_tag` and acks
   it later with `consumer.ack(tags)` (the coordinator acks buffered updates only once a checkpoint holds
   them). A deferred delivery that is never acked is redelivered when the channel closes.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Callable
@@ -52,8 +56,10 @@ class MessageConsumer:
         self.stats = ConsumerStats()
         self.current_tag: int | None = None
         self._stop = False
+        self._inbox: collections.deque = collections.deque()
         channel.basic_qos(prefetch_count=prefetch)
-        self.tag = channel.basic_consume(queue, self._on_delivery, consumer_tag=consumer_tag)
+        self.tag = channel.basic_consume(queue, lambda _ch, *delivery: self._inbox.append(delivery),
+                                         consumer_tag=consumer_tag)
 
     def _reject(self, tags: list, reason: str, **kw) -> None:
         for tag in tags:
@@ -62,7 +68,8 @@ class MessageConsumer:
                 self.stats.dead_lettered += 1
         log.warning("message_dead_lettered", queue=self.queue, reason=reason, count=len(tags), **kw)
 
-    def _on_delivery(self, ch, method, props: pika.BasicProperties, body: bytes) -> None:
+    def _on_delivery(self, method, props: pika.BasicProperties, body: bytes) -> None:
+        ch = self.channel
         tag = method.delivery_tag
         if is_chunk(props.headers):
             self.stats.chunks += 1
@@ -119,11 +126,17 @@ class MessageConsumer:
     def stop(self) -> None:
         self._stop = True
 
+    def poll(self, connection, time_limit: float = 0.2) -> None:
+        """Wait up to `time_limit` for deliveries, handle what arrived, check transfer timeouts."""
+        connection.process_data_events(time_limit=time_limit)
+        while self._inbox:
+            self._on_delivery(*self._inbox.popleft())
+        self.expire()
+
     def run(self, connection, until: Callable[[], bool] = lambda: False, tick_s: float = 1.0) -> None:
-        """Process deliveries until `stop()` or `until()`; checks transfer timeouts every `tick_s`."""
+        """Process deliveries until `stop()` or `until()`."""
         while not self._stop and not until():
-            connection.process_data_events(time_limit=tick_s)
-            self.expire()
+            self.poll(connection, tick_s)
         if self.channel.is_open:
             self.channel.basic_cancel(self.tag)
 

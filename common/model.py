@@ -18,7 +18,7 @@ import dataclasses
 import os
 
 import torch
-from transformers import (AutoModelForAudioClassification, Wav2Vec2Config, Wav2Vec2FeatureExtractor,
+from transformers import (AutoConfig, AutoModelForAudioClassification, Wav2Vec2Config, Wav2Vec2FeatureExtractor,
                           Wav2Vec2ForSequenceClassification)
 
 from common.audio import SAMPLE_RATE
@@ -54,15 +54,23 @@ class ModelSpec:
     seed: int = 0
 
 
-def build_model(spec: ModelSpec = ModelSpec()) -> Wav2Vec2ForSequenceClassification:
-    """A KS classifier for `spec` (see the module doc). Raises ValueError/OSError naming the model."""
+def build_model(spec: ModelSpec = ModelSpec(), weights: bool = True) -> Wav2Vec2ForSequenceClassification:
+    """A KS classifier for `spec` (see the module doc). Raises ValueError/OSError naming the model.
+
+    weights=False builds a hub/local model from its config only (random init, nothing but the config
+    read): what a worker needs before it loads a model version from the coordinator.
+    """
     if spec.name in PRESETS:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             model = Wav2Vec2ForSequenceClassification(Wav2Vec2Config(**PRESETS[spec.name], **_LABELS))
     else:
         try:
-            model = AutoModelForAudioClassification.from_pretrained(spec.name, **_LABELS)
+            if weights:
+                model = AutoModelForAudioClassification.from_pretrained(spec.name, **_LABELS)
+            else:
+                config = AutoConfig.from_pretrained(spec.name, **_LABELS)
+                model = AutoModelForAudioClassification.from_config(config)
         except OSError as exc:
             known = ", ".join(PRESETS)
             raise OSError(f"model {spec.name!r} is neither a preset ({known}) nor loadable: {exc}") from exc

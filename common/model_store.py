@@ -159,9 +159,16 @@ class ModelStore:
     def cached_path(self, version: int) -> Path:
         return self.cache_dir / self.names.experiment / f"model-v{version:08d}.bin"
 
-    def fetch(self, version: int | None = None, timeout_s: float = 300.0) -> FetchResult:
-        """Get version `version` (None: the latest) from the cache or the stream; verified by sha256."""
-        if version is None:
+    def fetch(self, version: int | None = None, timeout_s: float = 300.0,
+              announcement: messages.ModelVersion | None = None) -> FetchResult:
+        """Get version `version` (None: the latest) from the cache or the stream; verified by sha256.
+
+        announcement: the version's `ModelVersion` when the caller already has it (a worker following the
+        index stream), which skips reading the index.
+        """
+        if announcement is not None:
+            ann = announcement
+        elif version is None:
             ann = self.latest()
             if ann is None:
                 raise ModelNotFound(f"no model version published for {self.names.experiment}")

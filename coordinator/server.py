@@ -80,8 +80,8 @@ class Coordinator:
     """Runs one experiment (see the module doc). `run()` returns the summary dict."""
 
     def __init__(self, cfg: ExperimentConfig, url: str | None = None, node: str | None = None,
-                 on_version=None) -> None:
-        self.cfg, self.url, self.node = cfg, url, node
+                 on_version=None, fresh: bool = False) -> None:
+        self.cfg, self.url, self.node, self.fresh = cfg, url, node, fresh
         self.name = cfg.experiment.name
         self.topo = topology.Topology(self.name)
         self.run_dir = Path(cfg.experiment.run_path)
@@ -132,14 +132,20 @@ class Coordinator:
         state = checkpoint.load(self.ckpt_path, self.name)
         self._reset()
         if state is None:
+            self.record.truncate_after(-1)
             return False
         self.aggregator.load_state_dict(state["aggregator"])
         self.dispatcher.load_state_dict(state["dispatcher"])
         self.elapsed_before = float(state["elapsed_s"])
         self.best = dict(state["best"])
+        exported = self.export_dir / "mqfed.json"
+        if exported.exists():  # the export can be newer than the checkpoint (evaluation runs after it)
+            info = json.loads(exported.read_text())
+            if info["accuracy"] > self.best["accuracy"]:
+                self.best = {"accuracy": info["accuracy"], "version": info["version"]}
         self.counters.update(state["counters"])
         self.workers = json.loads(state["workers"])
-        self.record.truncate_after(self.aggregator.version)
+        self.record.truncate_after(self.version)
         log.info("coordinator_resumed", version=self.aggregator.version, elapsed_s=round(self.elapsed_before, 1),
                  best=self.best, buffered=self.aggregator.buffered)
         return True
@@ -182,6 +188,8 @@ class Coordinator:
             self._acquire_lock()
         except Stop:
             return {"stopped": "standby"}
+        if self.fresh:
+            self._start_over()
         delay = 0.5
         try:
             while True:
@@ -198,6 +206,18 @@ class Coordinator:
                 os.close(self._lock_fd)
                 self._lock_fd = None
 
+    def _start_over(self) -> None:
+        """Delete the experiment's queues, checkpoint and record: the next session starts at version 0."""
+        conn = connect("coordinator", self.node, "fresh", self.url, attempts=3)
+        try:
+            topology.delete(conn.channel(), self.topo)
+        finally:
+            conn.close()
+        for path in (self.ckpt_path, self.record.path):
+            path.unlink(missing_ok=True)
+        log.info("experiment_reset", experiment=self.name, run_dir=str(self.run_dir))
+        self.fresh = False
+
     def _session(self) -> dict:
         """One broker connection's worth of work; resumes from the checkpoint first."""
         self._resume()
@@ -210,6 +230,11 @@ class Coordinator:
             self.pub.confirm_delivery()
             self.store = ModelStore(self.pub, self.topo, cache_dir=self.run_dir / "model-cache")
             latest = self.store.latest()
+            if latest is not None and latest.version > self.version:
+                raise checkpoint.CheckpointError(
+                    f"the broker holds model version {latest.version} of {self.name} but the checkpoint in"
+                    f" {self.run_dir} is at version {self.version}: point experiment.run_dir at this experiment's"
+                    f" run directory, or start over with --fresh (deletes the experiment's queues)")
             if latest is None or latest.version < self.version:
                 self._publish_model()
             events = conn.channel()
@@ -228,8 +253,7 @@ class Coordinator:
                 while True:
                     self._check_stop()
                     self._dispatch()
-                    conn.process_data_events(time_limit=0.2)
-                    self.consumer.expire()
+                    self.consumer.poll(conn, 0.2)
                     expired = self.dispatcher.expire(time.time())
                     if expired:
                         self.counters["tasks_expired"] += len(expired)
@@ -283,7 +307,8 @@ class Coordinator:
                 experiment=self.name, task_id=planned.task_id, min_version=planned.min_version,
                 local_steps=local.steps, batch_size=local.batch_size, learning_rate=local.learning_rate,
                 deadline_unix=planned.deadline_unix, codec=self.cfg.tasks.codec, local_epochs=0,
-                options={"epochs": local.epochs, "warmup_steps": local.warmup_steps, "schedule": local.schedule,
+                options={"model": self.cfg.model.name, "freeze_feature_encoder": self.cfg.model.freeze_feature_encoder,
+                         "epochs": local.epochs, "warmup_steps": local.warmup_steps, "schedule": local.schedule,
                          "weight_decay": local.weight_decay, "max_grad_norm": local.max_grad_norm,
                          "optimizer": local.optimizer, "time_shift_s": local.time_shift_s})
             publish_message(self.pub, self.topo.work_exchange, self.topo.TASKS_KEY, task, message_id=planned.task_id,
@@ -367,21 +392,22 @@ class Coordinator:
         self.store.publish(self.version, encode_state({n: t.detach() for n, t in self.state.items()}))
 
     def _new_version(self, record: AggregationRecord) -> None:
+        """Checkpoint, acknowledge, publish; then evaluate (workers need the model first) and record."""
         entry = {"version": record.version, "time_s": round(self.elapsed(), 2), "accuracy": None, "loss": None,
                  "staleness": list(record.staleness), "workers": list(record.worker_ids), "updates": len(record.worker_ids),
                  "bytes_received": self.window["wire"], "raw_bytes": self.window["raw"],
                  "compression_ratio": round(self.window["raw"] / max(1, self.window["wire"]), 2),
                  "delta_norm": round(record.delta_norm, 6)}
-        every = self.cfg.tasks.eval_every
-        if every and record.version % every == 0:
-            result = self._evaluate()
-            entry.update(accuracy=round(result.accuracy, 4), loss=round(result.loss, 4))
-        self.record.append(entry)
         checkpoint.save(self.ckpt_path, self._checkpoint_state())
         self.consumer.ack(self.pending_acks)
         self.pending_acks = []
         self.window = {"wire": 0, "raw": 0}
         self._publish_model()
+        every = self.cfg.tasks.eval_every
+        if every and record.version % every == 0:
+            result = self._evaluate()
+            entry.update(accuracy=round(result.accuracy, 4), loss=round(result.loss, 4))
+        self.record.append(entry)
         fe = self.cfg.tasks.federated_eval_every
         if fe and record.version % fe == 0:
             self._issue_evaluations()

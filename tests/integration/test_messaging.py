@@ -30,8 +30,7 @@ EXAMPLES = [
 def _drain(connection, consumer, until, timeout=20.0):
     deadline = time.monotonic() + timeout
     while not until() and time.monotonic() < deadline:
-        connection.process_data_events(time_limit=0.2)
-        consumer.expire()
+        consumer.poll(connection, 0.2)
     assert until(), "timed out waiting for deliveries"
 
 

@@ -1,0 +1,143 @@
+"""`mqfed-coordinator`: run an experiment, watch the federation, export, report.
+
+  mqfed-coordinator run --config experiment.toml [--fresh] [--set KEY=VALUE ...]
+  mqfed-coordinator demo [--workers 2] [--minutes 6]     the whole thing on this machine (see coordinator/demo.py)
+  mqfed-coordinator status --experiment NAME [--seconds 5]   queues, workers, versions, live
+  mqfed-coordinator export --config experiment.toml --out DIR  the checkpoint's model, save_pretrained
+  mqfed-coordinator report RUN_DIR                         the run record as a table
+
+`--set fedbuff.buffer_size=4` overrides one key (a TOML value); MQFED_<SECTION>_<KEY> does the same from
+the environment. AMQP_URL names the broker.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+
+from common.logs import configure, get_logger
+
+log = get_logger(__name__)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        if not eq:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE, e.g. fedbuff.buffer_size=4")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_experiment(path: str | None, sets: list[str] | None = None):
+    from common.config import load_config
+    from coordinator.experiment import ExperimentConfig
+
+    return load_config(ExperimentConfig, path, overrides=_overrides(sets or []))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from coordinator.server import Coordinator, install_signal_handlers
+
+    cfg = load_experiment(args.config, args.set)
+    coordinator = Coordinator(cfg, fresh=args.fresh)
+    install_signal_handlers(coordinator)
+    summary = coordinator.run()
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from common.model import build_model, save_model
+    from coordinator import checkpoint
+
+    cfg = load_experiment(args.config, args.set)
+    path = f"{cfg.experiment.run_path}/checkpoint.pt"
+    state = checkpoint.load(path, cfg.experiment.name)
+    if state is None:
+        print(f"mqfed-coordinator export: no checkpoint at {path}", file=sys.stderr)
+        return 2
+    model = build_model(dataclasses.replace(cfg.model, seed=cfg.experiment.seed))
+    model.load_state_dict(state["aggregator"]["model"])
+    save_model(model, args.out)
+    print(f"exported version {state['aggregator']['version']} to {args.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from coordinator.record import RunRecord
+
+    lines = RunRecord(f"{args.run_dir}/record.jsonl").lines()
+    if not lines:
+        print(f"no run record in {args.run_dir}", file=sys.stderr)
+        return 2
+    print(f"{'version':>8}{'time s':>9}{'accuracy':>10}{'updates':>9}{'staleness':>16}{'ratio':>8}  workers")
+    for e in lines:
+        if e.get("kind"):
+            continue
+        acc = f"{e['accuracy']:.4f}" if e.get("accuracy") is not None else "-"
+        print(f"{e['version']:>8}{e['time_s']:>9.1f}{acc:>10}{e['updates']:>9}{str(e['staleness']):>16}"
+              f"{e.get('compression_ratio', 1):>8.1f}  {','.join(sorted(set(e['workers'])))}")
+    summary = [e for e in lines if e.get("kind") == "summary"]
+    if summary:
+        print(json.dumps(summary[-1]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mqfed-coordinator", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an experiment (resumes from its checkpoint)")
+    run.add_argument("--config", default=None, help="experiment TOML")
+    run.add_argument("--fresh", action="store_true", help="start over: delete the experiment's queues and checkpoint")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    demo = sub.add_parser("demo", help="synthetic corpus, coordinator and workers on this machine")
+    demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--minutes", type=float, default=6.0)
+    demo.add_argument("--data", default=".cache/mqfed/synth-ks")
+    demo.add_argument("--run-dir", default="runs")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--keep", action="store_true", help="keep the experiment's queues afterwards")
+    status = sub.add_parser("status", help="watch an experiment: queues, workers, versions")
+    status.add_argument("--experiment", required=True)
+    status.add_argument("--seconds", type=float, default=5.0)
+    export = sub.add_parser("export", help="export the checkpoint's model with save_pretrained")
+    export.add_argument("--config", default=None)
+    export.add_argument("--out", required=True)
+    export.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    report = sub.add_parser("report", help="print a run record")
+    report.add_argument("run_dir")
+    args = p.parse_args(argv)
+    configure()
+    from common.config import ConfigError
+    from common.kws_dataset import DataError
+    from coordinator.checkpoint import CheckpointError
+
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "demo":
+            from coordinator import demo as demo_mod
+
+            return demo_mod.main(args)
+        if args.command == "status":
+            from coordinator import status as status_mod
+
+            return status_mod.main(args)
+        if args.command == "export":
+            return cmd_export(args)
+        return cmd_report(args)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"mqfed-coordinator {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""The worker daemon: one trainer per device, each with its own broker connection and task loop.
+
+A trainer (`Trainer.run`):
+1. connects as `worker:<node>:<device>`, checks the experiment's queues exist (passively: workers have no
+   configure permission), registers (node, device, shard, shard size) on the events exchange and
+   heartbeats every `heartbeat_s`;
+2. follows the model-index stream, so it always knows the newest model version without polling;
+3. takes one task at a time (prefetch 1, manual ack) from `mqfed.<exp>.tasks`:
+   - train: fetch the newest model it can get (disk cache first; at least the task's `min_version` when
+     that is announced, else the newest there is, which it logs as training behind), train on its shard
+     in a background thread while the connection keeps serving heartbeats, compute `delta = trained -
+     base`, compress it with error feedback (common/error_feedback.py), publish the update (inline or
+     chunked) under publisher confirms, save the residual, and only then ack the task;
+   - evaluate: evaluate the named version on its validation shard and publish the metrics;
+4. on SIGTERM: stops training at the next step and returns the task to the queue (`basic_reject` with
+   requeue), or, between tasks, just closes. A task is never acked before its update is confirmed, so a
+   worker that dies at any point loses nothing: the broker hands the task to another trainer.
+Broker restarts and network drops: reconnect with back-off and carry on (an interrupted task comes back
+through the queue).
+
+`main(args)` runs one trainer in-process for a single device, or one child process per device.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pika
+import torch
+
+from broker import topology
+from broker.consume import publish_message
+from common import messages
+from common.amqp import RETRYABLE, connect
+from common.chunks import publish_chunked
+from common.error_feedback import ErrorFeedback
+from common.kws_dataset import DataError, to_arrays
+from common.logs import configure, get_logger
+from common.model import ModelSpec, build_model
+from common.model_store import ModelNotFound, ModelStore, default_cache_dir
+from common.shards import ShardSpec, select_shard
+from common.tensors import decode_state
+from common.training import Clips, TrainConfig, evaluate, train
+from worker.config import WorkerConfig
+
+log = get_logger(__name__)
+INLINE_MAX = 1024 * 1024  # update payloads up to this size ride inside the update message
+
+
+class TaskAborted(Exception):
+    """Training stopped because the daemon is shutting down."""
+
+
+def load_shards(data: str, shard: str) -> tuple[Clips, Clips | None]:
+    """(train clips, validation clips or None) of `shard` of the data set at `data`. Raises DataError."""
+    from datasets import load_from_disk
+
+    try:
+        dd = load_from_disk(data)
+    except FileNotFoundError:
+        raise DataError(f"worker.data {data!r}: no data set there (make one with `mqfed-worker data synth`)") from None
+    spec = ShardSpec.parse(shard)
+    train_clips = Clips.from_arrays(*to_arrays(select_shard(dd["train"], spec, "train")))
+    try:
+        val = Clips.from_arrays(*to_arrays(select_shard(dd["validation"], spec, "validation")))
+    except (DataError, KeyError):
+        val = None
+    return train_clips, val
+
+
+class Trainer:
+    """The task loop for one device (see the module doc)."""
+
+    def __init__(self, cfg: WorkerConfig, device: str, url: str | None = None) -> None:
+        w = cfg.worker
+        self.cfg, self.w, self.device, self.url = cfg, w, device, url
+        self.worker_id = f"{w.node}/{device}"
+        self.topo = topology.Topology(w.experiment)
+        self.cache_dir = Path(w.cache_dir) if w.cache_dir else default_cache_dir()
+        self.ef_path = self.cache_dir / w.experiment / f"residual-{w.node}-{device.replace(':', '')}.bin"
+        if device.startswith("cuda") and (not torch.cuda.is_available() or int(device[5:]) >= torch.cuda.device_count()):
+            raise RuntimeError(f"device {device} is not available (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r},"
+                               f" {torch.cuda.device_count() if torch.cuda.is_available() else 0} visible GPUs)")
+        self.train_clips, self.val_clips = load_shards(w.data, w.shard)
+        self.ef = ErrorFeedback(w.experiment)
+        self.ef.load(self.ef_path)
+        self.stop_event = threading.Event()
+        self.latest: messages.ModelVersion | None = None
+        self.model = None
+        self.model_key: tuple | None = None
+        self.base: tuple[int, dict[str, torch.Tensor]] | None = None  # (version, state) of the last fetch
+        self.status = "idle"
+        self.tasks_done = 0
+        log.info("trainer_ready", worker=self.worker_id, shard=w.shard, train_clips=len(self.train_clips),
+                 val_clips=len(self.val_clips) if self.val_clips else 0)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def request_stop(self, *_args) -> None:
+        self.stop_event.set()
+
+    def run(self) -> None:
+        """Serve tasks until SIGTERM/`request_stop()`; reconnects with back-off when the broker goes away."""
+        delay = 0.5
+        while not self.stop_event.is_set():
+            try:
+                self._session()
+                return
+            except RETRYABLE as exc:
+                if self.stop_event.is_set():
+                    return
+                log.warning("worker_connection_lost", worker=self.worker_id, error=repr(exc), retry_in_s=delay)
+                self.stop_event.wait(delay)
+                delay = min(30.0, delay * 2)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 404:
+                    raise
+                log.warning("experiment_not_declared", experiment=self.w.experiment, retry_in_s=delay,
+                            hint="start the coordinator (or `mqfed-broker setup`) for this experiment")
+                self.stop_event.wait(delay)
+                delay = min(30.0, delay * 2)
+
+    def _session(self) -> None:
+        conn = connect("worker", self.w.node, self.device, self.url, max_delay=10.0)
+        self.conn = conn
+        try:
+            topology.declare(conn.channel(), self.topo, passive=True)
+            self.pub = conn.channel()
+            self.pub.confirm_delivery()
+            self.store = ModelStore(conn.channel(), self.topo, cache_dir=self.cache_dir)
+            self._follow_index(conn)
+            self._register()
+            tasks = conn.channel()
+            tasks.basic_qos(prefetch_count=1)
+            deliveries: list = []
+            tasks.basic_consume(self.topo.tasks, lambda *delivery: deliveries.append(delivery),
+                                consumer_tag=f"{self.worker_id}:{os.getpid()}")
+            last_beat = 0.0
+            while not self.stop_event.is_set():
+                conn.process_data_events(time_limit=0.5)
+                # Handle the task here, not inside pika's callback: the task does broker I/O of its own
+                # (model fetch), which pika does not dispatch while a callback of the same connection runs.
+                while deliveries:
+                    self._on_task(*deliveries.pop(0))
+                if time.monotonic() - last_beat >= self.w.heartbeat_s:
+                    self._heartbeat()
+                    last_beat = time.monotonic()
+            log.info("worker_stopping", worker=self.worker_id, tasks_done=self.tasks_done)
+        finally:
+            if conn.is_open:
+                try:
+                    conn.close()
+                except Exception:  # a broken connection
+                    pass
+
+    # -- events --------------------------------------------------------------------------------------------
+    def _follow_index(self, conn) -> None:
+        """Consume the model-index stream from its last entry on: `self.latest` is the newest announcement."""
+        ch = conn.channel()
+        ch.basic_qos(prefetch_count=64)
+
+        def on_announcement(_ch, method, _props, body):
+            ch.basic_ack(method.delivery_tag)
+            try:
+                msg = messages.decode(body)
+            except messages.MessageError as exc:
+                log.warning("model_index_invalid", error=str(exc))
+                return
+            if isinstance(msg, messages.ModelVersion) and msg.experiment == self.w.experiment:
+                if self.latest is None or msg.version > self.latest.version:
+                    self.latest = msg
+
+        ch.basic_consume(self.topo.model_index, on_announcement, arguments={"x-stream-offset": "last"})
+
+    def _publish_event(self, key: str, msg) -> None:
+        publish_message(self.pub, self.topo.events, f"{key}.{self.w.node}", msg)
+
+    def _register(self) -> None:
+        self._publish_event("registration", messages.Registration(
+            self.w.experiment, self.w.node, [self.device], self.w.shard, len(self.train_clips)))
+
+    def _heartbeat(self) -> None:
+        self._publish_event("heartbeat", messages.Heartbeat(self.w.experiment, self.w.node, self.device, time.time(),
+                                                            self.status))
+
+    # -- tasks ---------------------------------------------------------------------------------------------
+    def _on_task(self, ch, method, props, body) -> None:
+        tag = method.delivery_tag
+        try:
+            task = messages.decode(body)
+            if not isinstance(task, (messages.TrainTask, messages.EvaluateTask)) or task.experiment != self.w.experiment:
+                raise messages.InvalidField(f"not a task of experiment {self.w.experiment}: {type(task).__name__}")
+        except messages.MessageError as exc:
+            log.warning("task_dead_lettered", worker=self.worker_id, reason=str(exc), message_id=props.message_id)
+            ch.basic_nack(tag, requeue=False)
+            return
+        if task.deadline_unix < time.time():
+            log.info("task_expired_on_arrival", task_id=task.task_id, worker=self.worker_id)
+            ch.basic_ack(tag)
+            return
+        self.status = "busy"
+        try:
+            if isinstance(task, messages.TrainTask):
+                self._train_task(task)
+            else:
+                self._evaluate_task(task)
+        except TaskAborted:
+            log.info("task_returned", task_id=task.task_id, worker=self.worker_id, reason="shutting down")
+            ch.basic_reject(tag, requeue=True)
+            return
+        except (DataError, ValueError, FloatingPointError, ModelNotFound) as exc:
+            # The task cannot be done here (bad options, a model that does not fit, diverged training):
+            # dead-letter it with the reason rather than loop on it.
+            log.error("task_failed", task_id=task.task_id, worker=self.worker_id, error=f"{type(exc).__name__}: {exc}")
+            ch.basic_nack(tag, requeue=False)
+            return
+        finally:
+            self.status = "idle"
+        ch.basic_ack(tag)
+        self.tasks_done += 1
+
+    def _wait_for(self, fn, *args):
+        """Run fn(*args) in a thread while this thread keeps the connection alive; re-raise its error."""
+        box: dict = {}
+
+        def target():
+            try:
+                box["result"] = fn(*args)
+            except BaseException as exc:  # handed to the caller's thread
+                box["error"] = exc
+
+        t = threading.Thread(target=target, name=f"train-{self.device}", daemon=True)
+        t.start()
+        while t.is_alive():
+            self.conn.process_data_events(time_limit=0.2)
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    def _model_for(self, options: dict) -> torch.nn.Module:
+        spec = ModelSpec(str(options.get("model", ModelSpec.name)), bool(options.get("freeze_feature_encoder", False)))
+        key = (spec.name, spec.freeze_feature_encoder)
+        if self.model_key != key:
+            self.model = build_model(spec, weights=False)
+            self.model_key = key
+        return self.model
+
+    def _fetch(self, min_version: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """The newest model version we can get, preferably >= min_version; (version, state)."""
+        deadline = time.monotonic() + 2.0
+        while (self.latest is None or self.latest.version < min_version) and time.monotonic() < deadline:
+            self.conn.process_data_events(time_limit=0.1)
+        ann = self.latest
+        if ann is None:
+            ann = self.store.latest()
+            if ann is None:
+                raise ModelNotFound(f"no model published for {self.w.experiment} yet")
+        if self.base is not None and self.base[0] == ann.version:
+            return self.base
+        try:
+            fetched = self.store.fetch(announcement=ann)
+        except ModelNotFound as exc:  # aged out of the stream: take the newest there is
+            log.warning("model_version_unavailable", version=ann.version, error=str(exc))
+            fetched = self.store.fetch()
+        version = fetched.announcement.version
+        if version < min_version:
+            log.warning("training_behind", worker=self.worker_id, base_version=version, min_version=min_version)
+        self.base = (version, decode_state(fetched.path.read_bytes()))
+        return self.base
+
+    def _train_task(self, task: messages.TrainTask) -> None:
+        opts = dict(task.options)
+        model = self._model_for(opts)
+        version, base = self._fetch(task.min_version)
+        model.load_state_dict(base)
+        config = TrainConfig(steps=task.local_steps, epochs=float(opts.get("epochs", 0.0)) if not task.local_steps else 0.0,
+                             batch_size=task.batch_size, learning_rate=task.learning_rate,
+                             warmup_steps=int(opts.get("warmup_steps", 0)), schedule=str(opts.get("schedule", "constant")),
+                             weight_decay=float(opts.get("weight_decay", 0.0)), max_grad_norm=opts.get("max_grad_norm", 1.0),
+                             optimizer=str(opts.get("optimizer", "adamw")), time_shift_s=float(opts.get("time_shift_s", 0.1)),
+                             seed=hash((self.worker_id, task.task_id)) & 0x7FFFFFFF)
+
+        def on_step(_step, _total, _loss):
+            if self.stop_event.is_set():
+                raise TaskAborted()
+
+        def work():
+            result = train(model, self.train_clips, config, self.device, on_step=on_step)
+            extra = (self.w.slowdown - 1.0) * result.seconds + self.w.delay_s
+            if extra > 0 and self.stop_event.wait(extra):
+                raise TaskAborted()
+            return result
+
+        result = self._wait_for(work)
+        trained = model.state_dict()
+        delta = {n: (trained[n].detach().float().cpu() - base[n].float()) for n in base if base[n].is_floating_point()}
+        encoded = self.ef.compress(delta, task.codec)
+        if encoded.wire_bytes <= INLINE_MAX:
+            payload = messages.PayloadRef(inline=encoded.data)
+        else:
+            def send(chunk, headers):
+                self.pub.basic_publish(self.topo.work_exchange, self.topo.UPDATES_KEY, bytes(chunk),
+                                       pika.BasicProperties(headers=headers, delivery_mode=2), mandatory=True)
+
+            payload = messages.PayloadRef(transfer_id=publish_chunked(send, encoded.data).transfer_id)
+        update = messages.Update(
+            experiment=self.w.experiment, task_id=task.task_id, worker_id=self.worker_id, base_version=version,
+            num_samples=result.samples, metrics={"loss": result.loss, "seconds": result.seconds,
+                                                 "samples_per_s": result.samples_per_s, "behind": float(max(0, task.min_version - version))},
+            codec=encoded.codec, raw_bytes=encoded.raw_bytes, wire_bytes=encoded.wire_bytes, payload=payload)
+        publish_message(self.pub, self.topo.work_exchange, self.topo.UPDATES_KEY, update, message_id=task.task_id)
+        self.ef.save(self.ef_path)
+        log.info("update_published", task_id=task.task_id, worker=self.worker_id, base_version=version,
+                 loss=round(result.loss, 4), seconds=round(result.seconds, 2), wire_bytes=encoded.wire_bytes,
+                 ratio=round(encoded.ratio, 1))
+
+    def _evaluate_task(self, task: messages.EvaluateTask) -> None:
+        if self.val_clips is None:
+            raise DataError(f"{self.worker_id} has no validation shard to evaluate on")
+        model = self.model if self.model is not None else self._model_for({})
+        version, base = self._fetch(task.version)
+        model.load_state_dict(base)
+        result = self._wait_for(evaluate, model, self.val_clips, self.device)
+        self._publish_event("metrics", messages.Metrics(
+            self.w.experiment, self.worker_id, version,
+            {"val_accuracy": result.accuracy, "val_loss": result.loss, "val_samples": float(result.samples)}, time.time()))
+
+
+# -- process management ------------------------------------------------------------------------------------
+def _trainer_main(cfg: WorkerConfig, device: str, url: str | None, threads: int) -> None:
+    configure()
+    torch.set_num_threads(threads)
+    trainer = Trainer(cfg, device, url)
+    signal.signal(signal.SIGTERM, trainer.request_stop)
+    signal.signal(signal.SIGINT, trainer.request_stop)
+    trainer.run()
+
+
+def threads_per_trainer(cfg: WorkerConfig) -> int:
+    if cfg.worker.threads:
+        return cfg.worker.threads
+    cpu_trainers = sum(1 for d in cfg.worker.devices if d == "cpu") or 1
+    return max(1, (os.cpu_count() or 1) // cpu_trainers)
+
+
+def run_daemon(cfg: WorkerConfig, url: str | None = None) -> int:
+    """Run one trainer per device until SIGTERM; returns an exit status."""
+    threads = threads_per_trainer(cfg)
+    devices = cfg.worker.devices
+    if len(devices) == 1:
+        _trainer_main(cfg, devices[0], url, threads)
+        return 0
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_trainer_main, args=(cfg, d, url, threads), name=f"trainer-{d}") for d in devices]
+    for p in procs:
+        p.start()
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for p in procs:
+        p.join()
+    return max((p.exitcode or 0) for p in procs)
+
+
+def main(args: argparse.Namespace) -> int:
+    from common.config import ConfigError, load_config
+
+    overrides = {f"worker.{k}": v for k, v in (("node", args.node), ("data", args.data), ("shard", args.shard),
+                                                ("experiment", args.experiment)) if v is not None}
+    if args.devices:
+        overrides["worker.devices"] = [d.strip() for d in args.devices.split(",") if d.strip()]
+    try:
+        cfg = load_config(WorkerConfig, args.config, overrides=overrides)
+        return run_daemon(cfg)
+    except (ConfigError, DataError, RuntimeError) as exc:
+        print(f"mqfed-worker: {exc}", file=sys.stderr)
+        return 2
+
