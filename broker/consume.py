@@ -141,8 +141,13 @@ class MessageConsumer:
             self.channel.basic_cancel(self.tag)
 
 
-def publish_message(channel, exchange: str, routing_key: str, msg: messages.Message, **props) -> None:
-    """Publish one wire message (persistent, `type` = its tag, content type msgpack)."""
+def publish_message(channel, exchange: str, routing_key: str, msg: messages.Message, mandatory: bool = True,
+                    **props) -> None:
+    """Publish one wire message (persistent, `type` = its tag, content type msgpack).
+
+    mandatory: raise `pika.exceptions.UnroutableError` (on a confirming channel) when no queue takes it;
+    events pass False, since nobody may be listening.
+    """
     channel.basic_publish(exchange, routing_key, messages.encode(msg), pika.BasicProperties(
         content_type="application/msgpack", delivery_mode=2, type=messages.type_tag(msg),
-        timestamp=int(time.time()), **props), mandatory=True)
+        timestamp=int(time.time()), **props), mandatory=mandatory)

@@ -53,8 +53,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from common.model import build_model, save_model
     from coordinator import checkpoint
 
@@ -64,7 +62,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if state is None:
         print(f"mqfed-coordinator export: no checkpoint at {path}", file=sys.stderr)
         return 2
-    model = build_model(dataclasses.replace(cfg.model, seed=cfg.experiment.seed))
+    model = build_model(cfg.model)
     model.load_state_dict(state["aggregator"]["model"])
     save_model(model, args.out)
     print(f"exported version {state['aggregator']['version']} to {args.out}")

@@ -20,6 +20,7 @@ import dataclasses
 import math
 import re
 
+from broker.topology import DEFAULT_MODEL_RETENTION_BYTES
 from common.codecs import DEFAULT_CODEC, parse_codec
 from common.model import ModelSpec
 from common.training import TrainConfig
@@ -39,15 +40,17 @@ def _positive(section: str, name: str, value, allow_zero: bool = False) -> None:
 @dataclasses.dataclass(frozen=True)
 class ExperimentSection:
     """name: experiment name (queue prefix `mqfed.<name>.*`). run_dir: checkpoint, record, export
-    (default `runs/<name>`). seed: model initialisation."""
+    (default `runs/<name>`). model_retention_bytes: how much of the model stream the broker keeps (old
+    versions age out; a worker that wants one trains from the newest instead)."""
 
     name: str = "kws"
     run_dir: str = ""
-    seed: int = 0
+    model_retention_bytes: int = DEFAULT_MODEL_RETENTION_BYTES
 
     def __post_init__(self) -> None:
         if not _NAME_OK.match(self.name):
             raise ValueError(f"experiment.name {self.name!r} must match {_NAME_OK.pattern}")
+        _positive("experiment", "model_retention_bytes", self.model_retention_bytes)
 
     @property
     def run_path(self) -> str:
@@ -56,16 +59,19 @@ class ExperimentSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    """path: a KS data set directory (`mqfed-worker data ...`); the coordinator evaluates on `eval_split`,
-    at most `eval_max_clips` clips of it (0: all)."""
+    """path: a KS data set directory (`mqfed-worker data ...`). The coordinator tracks progress, picks the
+    best model and checks `stop.target_accuracy` on `eval_split` (at most `eval_max_clips` clips of it,
+    0: all), and reports the exported best model's accuracy on `test_split` at the end."""
 
     path: str = ".cache/mqfed/synth-ks"
-    eval_split: str = "test"
+    eval_split: str = "validation"
     eval_max_clips: int = 0
+    test_split: str = "test"
 
     def __post_init__(self) -> None:
-        if self.eval_split not in ("train", "validation", "test"):
-            raise ValueError(f"data.eval_split must be train, validation or test, got {self.eval_split!r}")
+        for name in ("eval_split", "test_split"):
+            if getattr(self, name) not in ("train", "validation", "test"):
+                raise ValueError(f"data.{name} must be train, validation or test, got {getattr(self, name)!r}")
         _positive("data", "eval_max_clips", self.eval_max_clips, allow_zero=True)
 
 

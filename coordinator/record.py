@@ -1,7 +1,7 @@
 """The run record: one JSON object per line, one line per model version (plus a final summary line).
 
 Each version line: `version`, `time_s` (seconds of experiment time), `accuracy` / `loss` (central
-evaluation, null when not evaluated at that version), `staleness` (of each applied update), `workers`,
+evaluation, null when not evaluated at that version), `staleness` (of each applied update), `workers` and `tasks` (theirs),
 `updates`, `bytes_received` (wire bytes of the applied updates), `raw_bytes`, `compression_ratio`,
 `delta_norm`. Lines are appended and flushed as versions happen; on resume, lines for versions newer than
 the checkpoint are dropped (they are made again).

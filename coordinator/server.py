@@ -23,7 +23,6 @@ checkpoint, so the deliveries the old channel held are redelivered and applied o
 """
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import os
@@ -59,20 +58,20 @@ class Stop(Exception):
     """Raised inside the loop when the experiment reached its stop condition."""
 
 
-def load_eval_clips(cfg: ExperimentConfig) -> Clips:
+def load_clips(cfg: ExperimentConfig, split_name: str, max_clips: int = 0) -> Clips:
+    """`split_name` of the experiment's data set (a seeded subset of `max_clips` when > 0)."""
     from datasets import load_from_disk
 
     from common.kws_dataset import DataError
 
     try:
-        split = load_from_disk(cfg.data.path)[cfg.data.eval_split]
+        split = load_from_disk(cfg.data.path)[split_name]
     except FileNotFoundError:
         raise DataError(f"data.path {cfg.data.path!r}: no data set there (make one with `mqfed-worker data synth`)") from None
     except KeyError:
-        raise DataError(f"data.path {cfg.data.path!r} has no {cfg.data.eval_split!r} split") from None
-    if cfg.data.eval_max_clips and len(split) > cfg.data.eval_max_clips:
-        idx = np.random.default_rng(0).permutation(len(split))[:cfg.data.eval_max_clips]
-        split = split.select(np.sort(idx))
+        raise DataError(f"data.path {cfg.data.path!r} has no {split_name!r} split") from None
+    if max_clips and len(split) > max_clips:
+        split = split.select(np.sort(np.random.default_rng(0).permutation(len(split))[:max_clips]))
     return Clips.from_arrays(*to_arrays(split))
 
 
@@ -83,19 +82,19 @@ class Coordinator:
                  on_version=None, fresh: bool = False) -> None:
         self.cfg, self.url, self.node, self.fresh = cfg, url, node, fresh
         self.name = cfg.experiment.name
-        self.topo = topology.Topology(self.name)
+        self.topo = topology.Topology(self.name, model_retention_bytes=cfg.experiment.model_retention_bytes)
         self.run_dir = Path(cfg.experiment.run_path)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.run_dir / "checkpoint.pt"
         self.export_dir = self.run_dir / "export"
         self.record = RunRecord(self.run_dir / "record.jsonl")
         self.on_version = on_version
-        self.model = build_model(dataclasses.replace(cfg.model, seed=cfg.experiment.seed))
+        self.model = build_model(cfg.model)
         self.model.eval()
         self.state = self.model.state_dict()
         self._initial_state = {n: t.clone() for n, t in self.state.items()}
         self.numel = sum(t.numel() for t in self.state.values())
-        self.eval_clips = load_eval_clips(cfg)
+        self.eval_clips = load_clips(cfg, cfg.data.eval_split, cfg.data.eval_max_clips)
         self._stop_requested = threading.Event()
         self._lock_fd: int | None = None
         self._reset()
@@ -279,15 +278,30 @@ class Coordinator:
             raise Stop("max_wall_s")
 
     def _finish(self, reason: str, ch) -> dict:
+        test = None
         if reason != "signal":
             if self.last_eval is None or self.last_eval["version"] != self.version:
                 self._evaluate()
             ch.queue_purge(self.topo.tasks)  # nothing left for workers to do
-        summary = self.summary(reason)
+            test = self._test_export()
+        summary = {**self.summary(reason), **(test or {})}
         if reason != "signal":
             self.record.append({"kind": "summary", **summary})
         log.info("coordinator_finished", **summary)
         return summary
+
+    def _test_export(self) -> dict | None:
+        """Load the exported best model the way a user would and evaluate it on the test split."""
+        if not self.export_dir.exists():
+            return None
+        from transformers import AutoModelForAudioClassification
+
+        model = AutoModelForAudioClassification.from_pretrained(self.export_dir)
+        result = evaluate(model, load_clips(self.cfg, self.cfg.data.test_split))
+        log.info("export_tested", split=self.cfg.data.test_split, accuracy=round(result.accuracy, 4),
+                 version=self.best["version"])
+        return {"test_accuracy": round(result.accuracy, 4), "test_loss": round(result.loss, 4),
+                "test_per_class": {k: round(v, 4) for k, v in result.per_class.items()}}
 
     def summary(self, reason: str) -> dict:
         return {
@@ -394,7 +408,8 @@ class Coordinator:
     def _new_version(self, record: AggregationRecord) -> None:
         """Checkpoint, acknowledge, publish; then evaluate (workers need the model first) and record."""
         entry = {"version": record.version, "time_s": round(self.elapsed(), 2), "accuracy": None, "loss": None,
-                 "staleness": list(record.staleness), "workers": list(record.worker_ids), "updates": len(record.worker_ids),
+                 "staleness": list(record.staleness), "workers": list(record.worker_ids),
+                 "tasks": list(record.task_ids), "updates": len(record.worker_ids),
                  "bytes_received": self.window["wire"], "raw_bytes": self.window["raw"],
                  "compression_ratio": round(self.window["raw"] / max(1, self.window["wire"]), 2),
                  "delta_norm": round(record.delta_norm, 6)}

@@ -178,7 +178,7 @@ class Trainer:
         ch.basic_consume(self.topo.model_index, on_announcement, arguments={"x-stream-offset": "last"})
 
     def _publish_event(self, key: str, msg) -> None:
-        publish_message(self.pub, self.topo.events, f"{key}.{self.w.node}", msg)
+        publish_message(self.pub, self.topo.events, f"{key}.{self.w.node}", msg, mandatory=False)
 
     def _register(self) -> None:
         self._publish_event("registration", messages.Registration(

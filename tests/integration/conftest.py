@@ -41,3 +41,23 @@ def topo(connection):
     cleanup = connect("test", device="cleanup", attempts=3)
     topology.delete(cleanup.channel(), t)
     cleanup.close()
+
+
+@pytest.fixture
+def experiment(broker_url):
+    """A fresh experiment name whose queues the code under test declares itself; deleted afterwards."""
+    t = topology.Topology(f"it-{SESSION}-{next(_counter)}")
+    yield t
+    cleanup = connect("test", device="cleanup", attempts=3)
+    topology.delete(cleanup.channel(), t)
+    cleanup.close()
+
+
+@pytest.fixture(scope="session")
+def small_corpus_dir(tmp_path_factory):
+    """A synthetic corpus big enough to learn from in a minute: 30 training, 10 validation/test clips per label."""
+    from common import synth_corpus
+
+    out = tmp_path_factory.mktemp("small-corpus") / "synth-ks"
+    synth_corpus.build(out, synth_corpus.SynthSpec(seed=1, per_class=30, eval_per_class=10), progress=False)
+    return out

@@ -1,0 +1,128 @@
+"""A real federation on the real broker: coordinator and worker daemons as processes (or the coordinator in
+a thread where the test needs its counters), the small synthetic corpus, the CPU preset."""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import pika
+import pytest
+import torch
+
+from broker.consume import publish_message
+from common import codecs, messages
+from common.amqp import connect
+from common.model_store import ModelStore
+from common.tensors import decode_state
+from . import federation as fed
+
+pytestmark = pytest.mark.integration
+
+
+def _keys(run_dir):
+    return [(t, w) for e in fed.versions(run_dir) for t, w in zip(e["tasks"], e["workers"])]
+
+
+def test_federation_of_two_worker_processes_trains_to_the_target_accuracy(experiment, small_corpus_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = fed.experiment_config(experiment.experiment, run_dir, small_corpus_dir, **{
+        "stop.target_accuracy": 0.3, "stop.max_versions": 0, "stop.max_wall_s": 300.0})
+    config = fed.write_config(cfg, tmp_path / "experiment.toml")
+    coordinator = fed.start_coordinator(config, tmp_path / "coordinator.log")
+    workers = [fed.start_worker(experiment.experiment, small_corpus_dir, f"speaker:{i}/2", f"w{i}", tmp_path / f"w{i}.log",
+                                tmp_path / f"cache{i}") for i in (1, 2)]
+    try:
+        coordinator.wait(timeout=360)
+    finally:
+        fed.stop(workers)
+        fed.stop([coordinator])
+    summary = [e for e in fed.record(run_dir) if e.get("kind") == "summary"][-1]
+    assert summary["reason"] == "target_accuracy", summary
+    assert summary["best_accuracy"] >= 0.3
+    assert summary["test_accuracy"] is not None
+    assert sorted(summary["workers"]) == ["w1", "w2"]
+    versions = [e["version"] for e in fed.versions(run_dir)]
+    assert versions == list(range(1, len(versions) + 1))
+    assert {w.split("/")[0] for e in fed.versions(run_dir) for w in e["workers"]} == {"w1", "w2"}
+    assert (run_dir / "export" / "config.json").exists() and (run_dir / "export" / "preprocessor_config.json").exists()
+    keys = _keys(run_dir)
+    assert len(keys) == len(set(keys)), "an update was applied twice"
+
+
+def test_a_duplicated_update_is_applied_once(experiment, small_corpus_dir, tmp_path):
+    from coordinator.server import Coordinator
+
+    run_dir = tmp_path / "run"
+    cfg = fed.experiment_config(experiment.experiment, run_dir, small_corpus_dir, **{
+        "fedbuff.buffer_size": 2, "fedbuff.concurrency": 1, "stop.max_versions": 1, "tasks.eval_every": 0,
+        "data.eval_max_clips": 24})
+    coordinator = Coordinator(cfg)
+    summary: dict = {}
+    thread = threading.Thread(target=lambda: summary.update(coordinator.run()), daemon=True)
+    thread.start()
+    conn = connect("test", device="duplicate", attempts=3)
+    ch = conn.channel()
+    ch.confirm_delivery()
+    store = ModelStore(conn.channel(), experiment, cache_dir=tmp_path / "cache")
+
+    def model_published() -> bool:
+        try:
+            return store.latest() is not None
+        except pika.exceptions.ChannelClosedByBroker:  # 404 until the coordinator has declared its queues
+            store.channel = conn.channel()
+            return False
+
+    fed.wait_for(model_published, 60, "version 0 of the model")
+    base = decode_state(store.fetch(0).path.read_bytes())
+
+    def update(task_id: str, worker: str, scale: float) -> messages.Update:
+        delta = {n: torch.full_like(t, scale) for n, t in base.items() if t.is_floating_point()}
+        enc = codecs.encode(delta, "none")
+        return messages.Update(experiment.experiment, task_id, worker, 0, 10, {}, enc.codec, enc.raw_bytes,
+                               enc.wire_bytes, messages.PayloadRef(inline=enc.data))
+
+    first = update("task-a", "w1/cpu", 1e-3)
+    for msg in (first, first, update("task-b", "w2/cpu", 3e-3)):
+        publish_message(ch, experiment.work_exchange, experiment.UPDATES_KEY, msg)
+    thread.join(timeout=120)
+    conn.close()
+    assert not thread.is_alive()
+    assert summary["versions"] == 1
+    counters = summary["counters"]
+    assert counters["duplicates"] == 1 and counters["applied_updates"] == 2 and counters["accepted"] == 2
+    # The applied step is the mean of the two distinct deltas (sample weights equal): 2e-3 on every entry.
+    name = next(n for n, t in base.items() if t.is_floating_point())
+    assert torch.allclose(coordinator.state[name], base[name] + 2e-3, atol=1e-6)
+    assert fed.versions(run_dir)[0]["tasks"] == ["task-a", "task-b"]
+
+
+def test_coordinator_killed_mid_run_resumes_from_its_checkpoint_and_applies_nothing_twice(experiment, small_corpus_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = fed.experiment_config(experiment.experiment, run_dir, small_corpus_dir, **{"stop.max_versions": 10,
+                                                                                 "tasks.eval_every": 2})
+    config = fed.write_config(cfg, tmp_path / "experiment.toml")
+    log = tmp_path / "coordinator.log"
+    coordinator = fed.start_coordinator(config, log)
+    workers = [fed.start_worker(experiment.experiment, small_corpus_dir, f"iid:{i}/2", f"w{i}", tmp_path / f"w{i}.log",
+                                tmp_path / f"cache{i}") for i in (1, 2)]
+    try:
+        fed.wait_for(lambda: len(fed.versions(run_dir)) >= 3, 240, "3 versions", [coordinator, *workers])
+        fed.stop([coordinator], signal.SIGKILL)
+        killed_at = len(fed.versions(run_dir))
+        coordinator = fed.start_coordinator(config, log)
+        coordinator.wait(timeout=300)
+    finally:
+        fed.stop(workers)
+        fed.stop([coordinator])
+    resumed = fed.log_events(log, "coordinator_resumed")
+    assert resumed and resumed[0]["version"] >= 3
+    versions = [e["version"] for e in fed.versions(run_dir)]
+    assert versions == list(range(1, 11)), versions
+    assert killed_at >= 3
+    keys = _keys(run_dir)
+    assert len(keys) == len(set(keys)), "an update was applied twice"
+    summary = [e for e in fed.record(run_dir) if e.get("kind") == "summary"][-1]
+    assert summary["versions"] == 10 and summary["reason"] == "max_versions"
+    assert json.loads((run_dir / "export" / "mqfed.json").read_text())["experiment"] == experiment.experiment
