@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import pika
-import pika.exceptions
 
 from common.logs import get_logger
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import io
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 SAMPLE_RATE = 16_000
 CLIP_SAMPLES = SAMPLE_RATE  # one second
@@ -77,7 +81,7 @@ def fit_clip(samples: np.ndarray, length: int = CLIP_SAMPLES, offset: int | None
     return out
 
 
-def normalize(batch: "torch.Tensor", eps: float = 1e-7) -> "torch.Tensor":
+def normalize(batch: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Zero mean, unit variance per clip (last dim), as `Wav2Vec2FeatureExtractor(do_normalize=True)` does."""
     mean = batch.mean(-1, keepdim=True)
     var = batch.var(-1, unbiased=False, keepdim=True)

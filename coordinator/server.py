@@ -41,7 +41,7 @@ from common.amqp import RETRYABLE, connect
 from common.chunks import Reassembler
 from common.kws_dataset import to_arrays
 from common.logs import get_logger
-from common.model import ModelSpec, build_model, parameter_count, save_model
+from common.model import build_model, parameter_count, save_model
 from common.model_store import ModelStore
 from common.tensors import encode_state
 from common.training import Clips, EvalResult, evaluate

@@ -16,38 +16,29 @@ from common import codecs, messages
 from common.amqp import connect
 from common.model_store import ModelStore
 from common.tensors import decode_state
-from . import federation as fed
+from . import federation
 
 pytestmark = pytest.mark.integration
 
 
-def _keys(run_dir):
-    return [(t, w) for e in fed.versions(run_dir) for t, w in zip(e["tasks"], e["workers"])]
-
-
 def test_federation_of_two_worker_processes_trains_to_the_target_accuracy(experiment, small_corpus_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    cfg = fed.experiment_config(experiment.experiment, run_dir, small_corpus_dir, **{
-        "stop.target_accuracy": 0.3, "stop.max_versions": 0, "stop.max_wall_s": 300.0})
-    config = fed.write_config(cfg, tmp_path / "experiment.toml")
-    coordinator = fed.start_coordinator(config, tmp_path / "coordinator.log")
-    workers = [fed.start_worker(experiment.experiment, small_corpus_dir, f"speaker:{i}/2", f"w{i}", tmp_path / f"w{i}.log",
-                                tmp_path / f"cache{i}") for i in (1, 2)]
+    fed = federation.federation(experiment.experiment, tmp_path, small_corpus_dir, ["speaker:1/2", "speaker:2/2"], **{
+        "stop.target_accuracy": 0.3, "stop.max_versions": 0, "stop.max_wall_s": 300.0}).start()
     try:
-        coordinator.wait(timeout=360)
+        fed.wait_coordinator(timeout=360)
     finally:
-        fed.stop(workers)
-        fed.stop([coordinator])
-    summary = [e for e in fed.record(run_dir) if e.get("kind") == "summary"][-1]
+        fed.stop()
+    summary = fed.summary()
     assert summary["reason"] == "target_accuracy", summary
     assert summary["best_accuracy"] >= 0.3
     assert summary["test_accuracy"] is not None
     assert sorted(summary["workers"]) == ["w1", "w2"]
-    versions = [e["version"] for e in fed.versions(run_dir)]
+    versions = [e["version"] for e in fed.versions()]
     assert versions == list(range(1, len(versions) + 1))
-    assert {w.split("/")[0] for e in fed.versions(run_dir) for w in e["workers"]} == {"w1", "w2"}
-    assert (run_dir / "export" / "config.json").exists() and (run_dir / "export" / "preprocessor_config.json").exists()
-    keys = _keys(run_dir)
+    assert {w.split("/")[0] for e in fed.versions() for w in e["workers"]} == {"w1", "w2"}
+    export = fed.run_dir / "export"
+    assert (export / "config.json").exists() and (export / "preprocessor_config.json").exists()
+    keys = federation.applied_keys(fed)
     assert len(keys) == len(set(keys)), "an update was applied twice"
 
 
@@ -55,7 +46,7 @@ def test_a_duplicated_update_is_applied_once(experiment, small_corpus_dir, tmp_p
     from coordinator.server import Coordinator
 
     run_dir = tmp_path / "run"
-    cfg = fed.experiment_config(experiment.experiment, run_dir, small_corpus_dir, **{
+    cfg = federation.experiment_config(experiment.experiment, run_dir, small_corpus_dir, **{
         "fedbuff.buffer_size": 2, "fedbuff.concurrency": 1, "stop.max_versions": 1, "tasks.eval_every": 0,
         "data.eval_max_clips": 24})
     coordinator = Coordinator(cfg)
@@ -74,7 +65,9 @@ def test_a_duplicated_update_is_applied_once(experiment, small_corpus_dir, tmp_p
             store.channel = conn.channel()
             return False
 
-    fed.wait_for(model_published, 60, "version 0 of the model")
+    deadline = time.monotonic() + 60
+    while not model_published() and time.monotonic() < deadline:
+        time.sleep(0.2)
     base = decode_state(store.fetch(0).path.read_bytes())
 
     def update(task_id: str, worker: str, scale: float) -> messages.Update:
@@ -95,34 +88,26 @@ def test_a_duplicated_update_is_applied_once(experiment, small_corpus_dir, tmp_p
     # The applied step is the mean of the two distinct deltas (sample weights equal): 2e-3 on every entry.
     name = next(n for n, t in base.items() if t.is_floating_point())
     assert torch.allclose(coordinator.state[name], base[name] + 2e-3, atol=1e-6)
-    assert fed.versions(run_dir)[0]["tasks"] == ["task-a", "task-b"]
+    assert coordinator.record.lines()[0]["tasks"] == ["task-a", "task-b"]
 
 
-def test_coordinator_killed_mid_run_resumes_from_its_checkpoint_and_applies_nothing_twice(experiment, small_corpus_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    cfg = fed.experiment_config(experiment.experiment, run_dir, small_corpus_dir, **{"stop.max_versions": 10,
-                                                                                 "tasks.eval_every": 2})
-    config = fed.write_config(cfg, tmp_path / "experiment.toml")
-    log = tmp_path / "coordinator.log"
-    coordinator = fed.start_coordinator(config, log)
-    workers = [fed.start_worker(experiment.experiment, small_corpus_dir, f"iid:{i}/2", f"w{i}", tmp_path / f"w{i}.log",
-                                tmp_path / f"cache{i}") for i in (1, 2)]
+def test_coordinator_killed_mid_run_resumes_from_its_checkpoint_and_applies_nothing_twice(experiment, small_corpus_dir,
+                                                                                           tmp_path):
+    fed = federation.federation(experiment.experiment, tmp_path, small_corpus_dir, ["iid:1/2", "iid:2/2"],
+                                **{"stop.max_versions": 10, "tasks.eval_every": 2}).start()
     try:
-        fed.wait_for(lambda: len(fed.versions(run_dir)) >= 3, 240, "3 versions", [coordinator, *workers])
-        fed.stop([coordinator], signal.SIGKILL)
-        killed_at = len(fed.versions(run_dir))
-        coordinator = fed.start_coordinator(config, log)
-        coordinator.wait(timeout=300)
+        fed.wait_for(lambda: len(fed.versions()) >= 3, 240, "3 versions")
+        fed.signal([fed.coordinator], signal.SIGKILL)
+        fed.start_coordinator()
+        fed.wait_coordinator(timeout=300)
     finally:
-        fed.stop(workers)
-        fed.stop([coordinator])
-    resumed = fed.log_events(log, "coordinator_resumed")
+        fed.stop()
+    resumed = federation.log_events(fed.run_dir / "coordinator.log", "coordinator_resumed")
     assert resumed and resumed[0]["version"] >= 3
-    versions = [e["version"] for e in fed.versions(run_dir)]
+    versions = [e["version"] for e in fed.versions()]
     assert versions == list(range(1, 11)), versions
-    assert killed_at >= 3
-    keys = _keys(run_dir)
+    keys = federation.applied_keys(fed)
     assert len(keys) == len(set(keys)), "an update was applied twice"
-    summary = [e for e in fed.record(run_dir) if e.get("kind") == "summary"][-1]
+    summary = fed.summary()
     assert summary["versions"] == 10 and summary["reason"] == "max_versions"
-    assert json.loads((run_dir / "export" / "mqfed.json").read_text())["experiment"] == experiment.experiment
+    assert json.loads((fed.run_dir / "export" / "mqfed.json").read_text())["experiment"] == experiment.experiment

@@ -9,7 +9,6 @@ import time
 import pika
 import pytest
 
-from broker import topology
 from broker.consume import MessageConsumer, publish_message
 from common import messages as m
 from common.chunks import Reassembler, publish_chunked

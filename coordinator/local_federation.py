@@ -1,0 +1,129 @@
+"""A federation on one machine: the coordinator and worker daemons as separate processes over the real
+broker, each logging JSON lines to its own file in the run directory. Used by `mqfed-coordinator demo`,
+the integration and fault tests and the benchmarks, so they all run exactly what a user runs
+(`python -m coordinator.cli run`, `python -m worker.cli run`)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common.config import dump_toml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(**extra: str) -> dict:
+    """Environment for the children: JSON logs, one torch thread each, offline hub, no progress bars."""
+    return {**os.environ, "MQFED_LOG_JSON": "1", "MQFED_WORKER_THREADS": "1", "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT), **extra}
+
+
+def read_record(run_dir: str | os.PathLike) -> list[dict]:
+    """The run record's entries (a torn last line is skipped)."""
+    path = Path(run_dir) / "record.jsonl"
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+class LocalFederation:
+    """Start/stop a coordinator and workers for experiment config `cfg` (its run_dir holds all files).
+
+    workers: one dict per worker with `shard` and optional `node`, `slowdown`, `delay_s`, `devices`.
+    """
+
+    def __init__(self, cfg, data: str | os.PathLike, workers: list[dict]) -> None:
+        self.cfg = cfg
+        self.name = cfg.experiment.name
+        self.run_dir = Path(cfg.experiment.run_path)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.data = str(data)
+        self.worker_specs = [{"node": f"w{i + 1}", **w} for i, w in enumerate(workers)]
+        self.config_path = self.run_dir / "experiment.toml"
+        self.config_path.write_text(dump_toml(cfg))
+        self.coordinator: subprocess.Popen | None = None
+        self.workers: dict[str, subprocess.Popen] = {}
+
+    def _spawn(self, argv: list[str], log_name: str, **env: str) -> subprocess.Popen:
+        log = open(self.run_dir / log_name, "ab")
+        return subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                env=child_env(**env), cwd=ROOT, start_new_session=True)
+
+    def start_coordinator(self, *extra: str) -> subprocess.Popen:
+        self.coordinator = self._spawn(["coordinator.cli", "run", "--config", str(self.config_path), *extra],
+                                       "coordinator.log")
+        return self.coordinator
+
+    def start_worker(self, node: str) -> subprocess.Popen:
+        spec = next(w for w in self.worker_specs if w["node"] == node)
+        argv = ["worker.cli", "run", "--experiment", self.name, "--data", self.data, "--shard", spec["shard"],
+                "--node", node]
+        if "devices" in spec:
+            argv += ["--devices", spec["devices"]]
+        env = {"MQFED_WORKER_CACHE_DIR": str(self.run_dir / "cache" / node),
+               "MQFED_WORKER_SLOWDOWN": str(spec.get("slowdown", 1.0)),
+               "MQFED_WORKER_DELAY_S": str(spec.get("delay_s", 0.0))}
+        self.workers[node] = self._spawn(argv, f"worker-{node}.log", **env)
+        return self.workers[node]
+
+    def start(self) -> "LocalFederation":
+        self.start_coordinator()
+        for spec in self.worker_specs:
+            self.start_worker(spec["node"])
+        return self
+
+    def record(self) -> list[dict]:
+        return read_record(self.run_dir)
+
+    def versions(self) -> list[dict]:
+        return [e for e in self.record() if e.get("kind") is None]
+
+    def summary(self) -> dict | None:
+        found = [e for e in self.record() if e.get("kind") == "summary"]
+        return found[-1] if found else None
+
+    def wait_for(self, condition, timeout: float, what: str) -> None:
+        """Poll `condition()` until true; raise AssertionError on timeout or when a process dies badly."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            for p in [self.coordinator, *self.workers.values()]:
+                if p is not None and p.poll() not in (None, 0):
+                    raise AssertionError(f"waiting for {what}: {' '.join(p.args[2:5])} exited with {p.returncode}"
+                                         f" (logs in {self.run_dir})")
+            time.sleep(0.5)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (logs in {self.run_dir})")
+
+    def wait_coordinator(self, timeout: float) -> int:
+        return self.coordinator.wait(timeout)
+
+    @staticmethod
+    def signal(procs, sig: int = signal.SIGTERM, timeout: float = 30.0) -> list[int | None]:
+        """Send `sig` to each live process and wait for it (SIGKILL after `timeout`); return codes."""
+        procs = [p for p in procs if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+        codes = []
+        for p in procs:
+            try:
+                codes.append(p.wait(timeout))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes.append(p.wait())
+        return codes
+
+    def stop(self) -> None:
+        """SIGTERM the workers, then the coordinator (if still running)."""
+        self.signal(list(self.workers.values()))
+        self.signal([self.coordinator])
