@@ -9,7 +9,7 @@ DATA_DIR ?= .cache/mqfed/synth-ks
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: venv test test-all data demo benchmark-centralized clean
+.PHONY: venv broker test test-all data demo benchmarks clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,20 +20,28 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# A broker at AMQP_URL, started locally (rabbitmq-server or docker compose) when none answers.
+broker: venv
+	$(PY) -m broker.ensure
+
 data: venv
 	$(VENV)/bin/mqfed-worker data synth --out $(DATA_DIR)
 
-test: venv
+test: broker
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: venv
+test-all: broker
 	$(PY) -m pytest -q
 
-demo: data
-	$(PY) tests/benchmarks/centralized.py --data $(DATA_DIR)
+demo: broker
+	$(VENV)/bin/mqfed-coordinator demo --data $(DATA_DIR)
 
-benchmark-centralized: data
+# The figures in the README (each prints a table and ends with one JSON line).
+benchmarks: broker data
 	$(PY) tests/benchmarks/centralized.py --data $(DATA_DIR)
+	$(PY) tests/benchmarks/async_vs_sync.py --data $(DATA_DIR)
+	$(PY) tests/benchmarks/compression.py
+	$(PY) tests/benchmarks/transport.py
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache
+	rm -rf $(VENV) .cache .pytest_cache runs
