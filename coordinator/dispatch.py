@@ -74,9 +74,12 @@ class Dispatcher:
 
     def finished(self, task_id: str, accepted: bool, version: int) -> None:
         """An update for `task_id` arrived. In sync mode an accepted update keeps its round slot filled
-        until the version changes, so the round issues no replacement for it."""
+        until the version changes, so the round issues no replacement for it; a later report for the same
+        task (a redelivered duplicate, reported as not accepted) changes nothing."""
         if task_id not in self.outstanding:
             return
+        if self.outstanding[task_id].deadline_unix == float("inf"):
+            return  # its update was accepted already (a duplicate, or another worker's copy of the task)
         if self.mode == "sync" and accepted and self.outstanding[task_id].version == version:
             self.outstanding[task_id].deadline_unix = float("inf")  # done: holds its slot for the round
             return
