@@ -19,8 +19,14 @@ class RunRecord:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, entry: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        line = json.dumps(entry) + "\n"
+        with open(self.path, "a+b") as f:  # writes go to the end whatever the read position
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":  # the last line was torn by a crash: keep it apart from this one
+                    line = "\n" + line
+            f.write(line.encode())
 
     def lines(self) -> list[dict]:
         if not self.path.exists():
