@@ -103,3 +103,5 @@ class Dispatcher:
         self.issued, self.expired = int(state["issued"]), int(state["expired"])
         self._round_started = state.get("round") if state.get("mode") == self.mode else None
         self.outstanding = {t: _Outstanding(int(v), float(d)) for t, (v, d) in state["outstanding"].items()}
+        if self.mode == "async":  # a sync round's done slots (infinite deadline) would never be freed here
+            self.outstanding = {t: o for t, o in self.outstanding.items() if o.deadline_unix != float("inf")}
