@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from common.failpoints import failpoint
+
 FORMAT = 1
 
 
@@ -31,6 +33,7 @@ def save(path: str | os.PathLike, state: dict) -> None:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())
+        failpoint("coordinator.before_checkpoint_rename")
         os.replace(tmp, path)
     except BaseException:  # a failed save (disk full, signal) leaves the old checkpoint and no stray file
         tmp.unlink(missing_ok=True)
@@ -40,6 +43,8 @@ def save(path: str | os.PathLike, state: dict) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    for stray in path.parent.glob(f".{path.name}.*.tmp"):  # left by a coordinator killed mid-write
+        stray.unlink(missing_ok=True)
 
 
 def load(path: str | os.PathLike, experiment: str) -> dict | None:

@@ -40,6 +40,7 @@ from common import codecs, messages
 from common.amqp import RETRYABLE, connect
 from common.chunks import Reassembler
 from common.kws_dataset import to_arrays
+from common.failpoints import failpoint
 from common.logs import get_logger
 from common.model import build_model, parameter_count, save_model
 from common.model_store import ModelStore
@@ -373,6 +374,7 @@ class Coordinator:
         if result.status == "duplicate":
             return None
         self.pending_acks.append(self.consumer.current_tag)
+        failpoint("coordinator.after_buffer")
         self.window["wire"] += msg.wire_bytes
         self.window["raw"] += msg.raw_bytes
         if result.record is not None:

@@ -13,6 +13,8 @@ threads = 0                      # CPU threads per trainer (0: cores / CPU train
 slowdown = 1.0                   # experiments: take this many times as long per task (a straggler)
 delay_s = 0.0                    # experiments: plus this many seconds per task
 heartbeat_s = 10.0
+inline_max_bytes = 1048576       # update payloads up to this size ride inside the update message
+chunk_bytes = 8388608            # larger ones travel in chunks of this size (below the broker's limit)
 ```
 """
 from __future__ import annotations
@@ -36,6 +38,8 @@ class WorkerSection:
     slowdown: float = 1.0
     delay_s: float = 0.0
     heartbeat_s: float = 10.0
+    inline_max_bytes: int = 1024 * 1024
+    chunk_bytes: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not self.node or any(c in self.node for c in " /#*"):
@@ -50,6 +54,10 @@ class WorkerSection:
         ShardSpec.parse(self.shard)
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
             raise ValueError(f"worker.threads must be an int >= 0, got {self.threads!r}")
+        for name in ("inline_max_bytes", "chunk_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1024 <= value <= 64 * 1024 * 1024:
+                raise ValueError(f"worker.{name} must be an int in [1024, 64 MiB], got {value!r}")
         for name, low in (("slowdown", 1.0), ("delay_s", 0.0), ("heartbeat_s", 0.1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:

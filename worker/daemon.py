@@ -40,6 +40,7 @@ from common import messages
 from common.amqp import RETRYABLE, connect
 from common.chunks import publish_chunked
 from common.error_feedback import ErrorFeedback
+from common.failpoints import failpoint
 from common.kws_dataset import DataError, to_arrays
 from common.logs import configure, get_logger
 from common.model import ModelSpec, build_model
@@ -50,7 +51,6 @@ from common.training import Clips, TrainConfig, evaluate, train
 from worker.config import WorkerConfig
 
 log = get_logger(__name__)
-INLINE_MAX = 1024 * 1024  # update payloads up to this size ride inside the update message
 
 
 class TaskAborted(Exception):
@@ -221,6 +221,7 @@ class Trainer:
             return
         finally:
             self.status = "idle"
+        failpoint("worker.before_task_ack")
         ch.basic_ack(tag)
         self.tasks_done += 1
 
@@ -286,6 +287,7 @@ class Trainer:
                              seed=hash((self.worker_id, task.task_id)) & 0x7FFFFFFF)
 
         def on_step(_step, _total, _loss):
+            failpoint("worker.during_training")
             if self.stop_event.is_set():
                 raise TaskAborted()
 
@@ -300,14 +302,16 @@ class Trainer:
         trained = model.state_dict()
         delta = {n: (trained[n].detach().float().cpu() - base[n].float()) for n in base if base[n].is_floating_point()}
         encoded = self.ef.compress(delta, task.codec)
-        if encoded.wire_bytes <= INLINE_MAX:
+        if encoded.wire_bytes <= self.w.inline_max_bytes:
             payload = messages.PayloadRef(inline=encoded.data)
         else:
             def send(chunk, headers):
                 self.pub.basic_publish(self.topo.work_exchange, self.topo.UPDATES_KEY, bytes(chunk),
                                        pika.BasicProperties(headers=headers, delivery_mode=2), mandatory=True)
+                failpoint("worker.after_chunk")
 
-            payload = messages.PayloadRef(transfer_id=publish_chunked(send, encoded.data).transfer_id)
+            transfer = publish_chunked(send, encoded.data, chunk_size=self.w.chunk_bytes)
+            payload = messages.PayloadRef(transfer_id=transfer.transfer_id)
         update = messages.Update(
             experiment=self.w.experiment, task_id=task.task_id, worker_id=self.worker_id, base_version=version,
             num_samples=result.samples, metrics={"loss": result.loss, "seconds": result.seconds,
