@@ -134,15 +134,18 @@ class TasksSection:
     """deadline_s: a train task not answered by then is re-issued. eval_every: central evaluation every
     that many versions (0: only at the end). federated_eval_every: evaluate tasks on the workers' local
     validation shards every that many versions (0: never). codec: update compression
-    (common/codecs.py)."""
+    (common/codecs.py). transfer_timeout_s: a chunked update that makes no progress for this long is
+    dead-lettered (its worker died mid-upload; the task comes back through the queue)."""
 
     deadline_s: float = 600.0
     eval_every: int = 1
     federated_eval_every: int = 0
     codec: str = DEFAULT_CODEC
+    transfer_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         _positive("tasks", "deadline_s", self.deadline_s)
+        _positive("tasks", "transfer_timeout_s", self.transfer_timeout_s)
         _positive("tasks", "eval_every", self.eval_every, allow_zero=True)
         _positive("tasks", "federated_eval_every", self.federated_eval_every, allow_zero=True)
         parse_codec(self.codec)

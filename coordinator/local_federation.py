@@ -38,7 +38,8 @@ def read_record(run_dir: str | os.PathLike) -> list[dict]:
 class LocalFederation:
     """Start/stop a coordinator and workers for experiment config `cfg` (its run_dir holds all files).
 
-    workers: one dict per worker with `shard` and optional `node`, `slowdown`, `delay_s`, `devices`.
+    workers: one dict per worker with `shard` and optional `node`, `slowdown`, `delay_s`, `devices`, `env`
+    (extra environment, e.g. `MQFED_FAILPOINTS` for a fault test).
     """
 
     def __init__(self, cfg, data: str | os.PathLike, workers: list[dict]) -> None:
@@ -58,9 +59,9 @@ class LocalFederation:
         return subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT,
                                 env=child_env(**env), cwd=ROOT, start_new_session=True)
 
-    def start_coordinator(self, *extra: str) -> subprocess.Popen:
+    def start_coordinator(self, *extra: str, env: dict | None = None, log_name: str = "coordinator.log") -> subprocess.Popen:
         self.coordinator = self._spawn(["coordinator.cli", "run", "--config", str(self.config_path), *extra],
-                                       "coordinator.log")
+                                       log_name, **(env or {}))
         return self.coordinator
 
     def start_worker(self, node: str) -> subprocess.Popen:
@@ -71,7 +72,7 @@ class LocalFederation:
             argv += ["--devices", spec["devices"]]
         env = {"MQFED_WORKER_CACHE_DIR": str(self.run_dir / "cache" / node),
                "MQFED_WORKER_SLOWDOWN": str(spec.get("slowdown", 1.0)),
-               "MQFED_WORKER_DELAY_S": str(spec.get("delay_s", 0.0))}
+               "MQFED_WORKER_DELAY_S": str(spec.get("delay_s", 0.0)), **spec.get("env", {})}
         self.workers[node] = self._spawn(argv, f"worker-{node}.log", **env)
         return self.workers[node]
 

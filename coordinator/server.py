@@ -244,7 +244,8 @@ class Coordinator:
             events.basic_consume(q, self._on_event, auto_ack=True)
             prefetch = max(16, 2 * self.aggregator.config.buffer_size + 8)
             self.consumer = MessageConsumer(conn.channel(), self.topo.updates, self._on_update, prefetch=prefetch,
-                                            reassembler=Reassembler(spool_dir=str(self.run_dir)),
+                                            reassembler=Reassembler(spool_dir=str(self.run_dir),
+                                                                        timeout_s=self.cfg.tasks.transfer_timeout_s),
                                             consumer_tag=f"coordinator:{self.node or os.uname().nodename}:{os.getpid()}")
             log.info("coordinator_started", experiment=self.name, version=self.version, mode=self.cfg.fedbuff.mode,
                      params=parameter_count(self.model), concurrency=self.cfg.fedbuff.concurrency,

@@ -279,6 +279,8 @@ class Trainer:
         model = self._model_for(opts)
         version, base = self._fetch(task.min_version)
         model.load_state_dict(base)
+        log.info("task_started", task_id=task.task_id, worker=self.worker_id, base_version=version,
+                 min_version=task.min_version)
         config = TrainConfig(steps=task.local_steps, epochs=float(opts.get("epochs", 0.0)) if not task.local_steps else 0.0,
                              batch_size=task.batch_size, learning_rate=task.learning_rate,
                              warmup_steps=int(opts.get("warmup_steps", 0)), schedule=str(opts.get("schedule", "constant")),
