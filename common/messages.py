@@ -242,8 +242,8 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     version = body.pop("v", None)
     if tag is None or version is None:
         raise MalformedMessage("message lacks its type tag 't' or schema version 'v'")
-    if tag not in MESSAGE_TYPES:
-        raise UnknownMessageType(f"unknown message type {tag!r}")
+    if not isinstance(tag, str) or tag not in MESSAGE_TYPES:
+        raise UnknownMessageType(f"unknown message type {tag!r:.80}")
     if version != SCHEMA_VERSION:
         raise UnsupportedSchemaVersion(f"{tag}: schema version {version!r} unsupported (this code speaks {SCHEMA_VERSION})")
     cls = MESSAGE_TYPES[tag]
@@ -251,7 +251,7 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(body) - set(fields)
     if unknown:
-        raise InvalidField(f"{tag}: unexpected field(s) {sorted(unknown)}")
+        raise InvalidField(f"{tag}: unexpected field(s) {sorted(unknown, key=repr)}")  # str and bytes keys
     kwargs = {}
     for name, f in fields.items():
         if name not in body:
