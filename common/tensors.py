@@ -17,6 +17,9 @@ import torch
 
 MAGIC = b"MQT1"
 _MAX_HEADER = 16 * 1024 * 1024
+#: Largest product of a shape's dimensions (zero dimensions counted as 1): torch refuses shapes whose
+#: sizes or strides overflow int64, even for tensors with no elements, such as [0, 2**63].
+_MAX_SPAN = 1 << 62
 DTYPES: dict[str, torch.dtype] = {
     "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64,
     "i8": torch.int8, "u8": torch.uint8, "i16": torch.int16, "i32": torch.int32, "i64": torch.int64,
@@ -78,10 +81,13 @@ def decode_state(data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor
         name, dname, shape, offset, nbytes = entry
         if not isinstance(name, str) or name in out:
             raise TensorFormatError(f"bad or duplicate tensor name {name!r:.80}")
-        if dname not in DTYPES:
-            raise TensorFormatError(f"{name}: unknown dtype {dname!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not isinstance(dname, str) or dname not in DTYPES:
+            raise TensorFormatError(f"{name}: unknown dtype {dname!r:.40}")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+                and math.prod(max(d, 1) for d in shape) <= _MAX_SPAN):
             raise TensorFormatError(f"{name}: bad shape {shape!r:.80}")
+        if type(offset) is not int or type(nbytes) is not int:
+            raise TensorFormatError(f"{name}: offset and size must be integers, got {offset!r:.40} and {nbytes!r:.40}")
         dtype = DTYPES[dname]
         itemsize = 1 if dtype is torch.bool else torch.empty((), dtype=dtype).element_size()
         want = math.prod(shape) * itemsize
