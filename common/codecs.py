@@ -393,6 +393,8 @@ def _int8_layout(count, opts):
 
 def _finish(d, out: bytes, size: int, label: str, more: Callable[[], bytes]) -> bytes:
     """Check that a bounded decompression produced exactly ``size`` bytes and the stream ended there."""
+    if len(out) > size:
+        raise CodecError(f"body: the {label} stream holds more than the declared {size} bytes")
     if len(out) == size and not d.eof and more():  # the end marker may be unread: one more byte proves excess
         raise CodecError(f"body: the {label} stream holds more than the declared {size} bytes")
     if len(out) != size or not d.eof:
@@ -405,7 +407,9 @@ def _finish(d, out: bytes, size: int, label: str, more: Callable[[], bytes]) -> 
 def _zlib_decompress(data: bytes, size: int) -> bytes:
     d = zlib.decompressobj()
     try:
-        out = d.decompress(data, size)
+        # zlib reads max_length=0 as "no limit" (a few KiB of zeros would inflate without bound): for a
+        # declared size of 0 ask for one byte, which _finish then refuses if it exists.
+        out = d.decompress(data, size or 1)
         return _finish(d, out, size, "zlib", lambda: d.decompress(d.unconsumed_tail, 1))
     except zlib.error as exc:
         raise CodecError(f"body: corrupt zlib stream: {exc}") from None
