@@ -684,6 +684,8 @@ def _read_entries(raw: object, spec: CodecSpec, max_elements: int) -> list[_Entr
         if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(type(d) is int and d >= 0 for d in shape)):
             raise CodecError(f"{name}: bad shape {shape!r:.80}")
         numel = math.prod(shape)
+        if math.prod(max(d, 1) for d in shape) > max_elements:  # [0, 2**63] has no elements, but torch refuses it
+            raise CodecError(f"{name}: shape {shape!r:.80} is out of range (max_elements={max_elements})")
         total += numel
         if total > max_elements:
             raise CodecError(f"{name}: the payload declares more than max_elements={max_elements} elements")
