@@ -196,12 +196,9 @@ class _Assembly:
         self.path: str | None = None
         if spill:
             fd, self.path = tempfile.mkstemp(prefix="mqfed-spool-", suffix=".part", dir=spool_dir)
+            # Not preallocated: the declared size is the sender's word, and a lying first chunk must not
+            # reserve disk for bytes that never come (the file grows as chunks are written).
             self.file = os.fdopen(fd, "r+b")
-            if self.size and hasattr(os, "posix_fallocate"):
-                try:
-                    os.posix_fallocate(fd, 0, self.size)  # fewer block allocations while chunks arrive
-                except OSError:
-                    pass
         else:
             self.buffer = bytearray(self.size)
 
@@ -250,11 +247,17 @@ class Reassembler:
     spill_threshold: transfers larger than this many bytes are spooled to disk under `spool_dir`.
     timeout_s: a transfer with no new chunk for this long is reported by `expire()`.
     fsync: fsync the spool file before handing back a chunk's token.
+    max_size: a transfer declaring more bytes than this is refused (InvalidChunk) at its first chunk.
+
+    Nothing is allocated for a transfer until a chunk of it passed every check (headers, length, crc32),
+    and then only memory for the declared size (at most `spill_threshold`) or an empty spool file.
     """
 
     def __init__(self, spill_threshold: int = 64 * 1024 * 1024, spool_dir: str | None = None,
-                 timeout_s: float = 120.0, fsync: bool = True, clock: Callable[[], float] = time.monotonic):
+                 timeout_s: float = 120.0, fsync: bool = True, clock: Callable[[], float] = time.monotonic,
+                 max_size: int = 16 * 1024**3):
         self.spill_threshold, self.spool_dir, self.timeout_s = spill_threshold, spool_dir, timeout_s
+        self.max_size = max_size
         self.fsync, self.clock = fsync, clock
         self._open: dict[str, _Assembly] = {}
         self._done: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -282,6 +285,8 @@ class Reassembler:
             raise InvalidChunk("chunk headers have wrong types", str(tid))
         if count < 1 or csize < 1 or size < 0 or not 0 <= index < count or max(1, -(-size // csize)) != count:
             raise InvalidChunk(f"chunk {index}/{count} of size {size} (chunks of {csize}) is inconsistent", tid)
+        if size > self.max_size:
+            raise InvalidChunk(f"transfer {tid} declares {size} bytes, above the limit of {self.max_size}", tid)
         return tid, index
 
     def add(self, headers: dict | None, body: bytes | memoryview, token: Any = None) -> AddResult:
@@ -295,19 +300,20 @@ class Reassembler:
         if tid in self._done:
             return AddResult(None, [token], duplicate=True)
         asm = self._open.get(tid)
-        if asm is None:
-            asm = _Assembly(tid, headers, headers[H_SIZE] > self.spill_threshold, self.spool_dir, self.clock())
-            self._open[tid] = asm
-        elif (headers[H_COUNT], headers[H_SIZE], headers[H_CHUNK_SIZE], headers[H_SHA256]) != (
+        if asm is not None and (headers[H_COUNT], headers[H_SIZE], headers[H_CHUNK_SIZE], headers[H_SHA256]) != (
                 asm.count, asm.size, asm.chunk_size, asm.sha256):
             raise InvalidChunk(f"chunk {index} disagrees with earlier chunks of transfer {tid}", tid, [token])
-        if len(body) != asm.chunk_len(index):
-            raise InvalidChunk(f"chunk {index} of {tid} has {len(body)} bytes, expected {asm.chunk_len(index)}",
-                               tid, [token])
+        size, csize = headers[H_SIZE], headers[H_CHUNK_SIZE]
+        expected = min(csize, size - index * csize) if size else 0
+        if len(body) != expected:
+            raise InvalidChunk(f"chunk {index} of {tid} has {len(body)} bytes, expected {expected}", tid, [token])
         crc = zlib.crc32(body)
         if crc != headers[H_CRC]:
             tokens = self._drop(tid) + [token]
             raise CorruptTransfer(f"transfer {tid}: chunk {index} is corrupt (crc32 mismatch)", tid, tokens)
+        if asm is None:
+            asm = _Assembly(tid, headers, size > self.spill_threshold, self.spool_dir, self.clock())
+            self._open[tid] = asm
         if index in asm.received:
             return AddResult(None, [token], duplicate=True)
         asm.store(index, body, self.fsync)
