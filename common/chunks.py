@@ -10,7 +10,9 @@ than `spill_threshold` is written to a spool file (one chunk in memory at a time
 incrementally over the contiguous prefix. Acknowledgement tokens (e.g. AMQP delivery tags) are handed back
 in `AddResult.ack` only once the chunk is durably handled: written (and fsynced) to the spool file, or, for
 an in-memory transfer, once the whole transfer is complete and verified. Errors name the transfer and
-carry the tokens the caller should now reject.
+carry the tokens the caller should now reject. A chunk that arrives after its transfer was dropped
+(corrupt, or incomplete past the timeout) is refused too, so every chunk of a failed transfer ends where
+rejected deliveries go (the dead-letter queue), not only those held when it failed.
 """
 from __future__ import annotations
 
@@ -260,7 +262,8 @@ class Reassembler:
         self.max_size = max_size
         self.fsync, self.clock = fsync, clock
         self._open: dict[str, _Assembly] = {}
-        self._done: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # transfers that ended: None when completed, else why they were dropped (later chunks are refused)
+        self._done: collections.OrderedDict[str, str | None] = collections.OrderedDict()
 
     @property
     def open_transfers(self) -> list[str]:
@@ -292,13 +295,17 @@ class Reassembler:
     def add(self, headers: dict | None, body: bytes | memoryview, token: Any = None) -> AddResult:
         """Store one chunk. Returns the completed transfer (verified) when this was the last missing chunk.
 
-        Raises InvalidChunk (bad/inconsistent headers, wrong length) or CorruptTransfer (crc32 or sha256
-        mismatch; the transfer is dropped and all its held tokens are in the error).
+        Raises InvalidChunk (bad/inconsistent headers, wrong length, a chunk of a transfer dropped earlier)
+        or CorruptTransfer (crc32 or sha256 mismatch; the transfer is dropped and all its held tokens are in
+        the error). A chunk of a completed transfer is a duplicate: acknowledged, nothing else.
         """
         headers = dict(headers or {})
         tid, index = self._validate(headers, body)
         if tid in self._done:
-            return AddResult(None, [token], duplicate=True)
+            dropped = self._done[tid]
+            if dropped is None:
+                return AddResult(None, [token], duplicate=True)
+            raise InvalidChunk(f"chunk {index} of transfer {tid}, which was dropped earlier ({dropped})", tid, [token])
         asm = self._open.get(tid)
         if asm is not None and (headers[H_COUNT], headers[H_SIZE], headers[H_CHUNK_SIZE], headers[H_SHA256]) != (
                 asm.count, asm.size, asm.chunk_size, asm.sha256):
@@ -309,7 +316,7 @@ class Reassembler:
             raise InvalidChunk(f"chunk {index} of {tid} has {len(body)} bytes, expected {expected}", tid, [token])
         crc = zlib.crc32(body)
         if crc != headers[H_CRC]:
-            tokens = self._drop(tid) + [token]
+            tokens = self._drop(tid, f"chunk {index} was corrupt") + [token]
             raise CorruptTransfer(f"transfer {tid}: chunk {index} is corrupt (crc32 mismatch)", tid, tokens)
         if asm is None:
             asm = _Assembly(tid, headers, size > self.spill_threshold, self.spool_dir, self.clock())
@@ -331,6 +338,7 @@ class Reassembler:
         ack += asm.held_tokens
         if asm.hasher.hexdigest() != asm.sha256:
             asm.discard()
+            self._remember(tid, "its sha256 did not match")
             raise CorruptTransfer(f"transfer {tid}: sha256 of the reassembled payload does not match", tid, ack)
         self._remember(tid)
         if asm.buffer is not None:
@@ -347,25 +355,26 @@ class Reassembler:
         for tid, asm in list(self._open.items()):
             if now - asm.last_progress >= self.timeout_s:
                 missing = [i for i in range(asm.count) if i not in asm.received]
-                tokens = self._drop(tid)
+                tokens = self._drop(tid, f"incomplete after {self.timeout_s:.0f}s")
                 out.append(IncompleteTransfer(
                     f"transfer {tid}: {len(missing)} of {asm.count} chunks missing after {self.timeout_s:.0f}s "
                     f"(first missing: {missing[:5]})", tid, tokens, missing))
         return out
 
-    def _drop(self, tid: str) -> list:
+    def _drop(self, tid: str, why: str) -> list:
+        """Discard transfer `tid` (open or not) and remember why; returns the tokens it held."""
+        self._remember(tid, why)
         asm = self._open.pop(tid, None)
         if asm is None:
             return []
         asm.discard()
-        self._remember(tid)
         return asm.held_tokens
 
-    def _remember(self, tid: str) -> None:
-        self._done[tid] = None
+    def _remember(self, tid: str, dropped: str | None = None) -> None:
+        self._done[tid] = dropped
         while len(self._done) > 4096:
             self._done.popitem(last=False)
 
     def close(self) -> None:
         for tid in list(self._open):
-            self._drop(tid)
+            self._drop(tid, "the reassembler was closed")
