@@ -1,0 +1,226 @@
+"""Processes that die, stall or fall behind, for real: SIGKILL (from outside, or from a failpoint at an
+exact place: common/failpoints.py), SIGSTOP/SIGCONT, a second coordinator replica, tasks nobody takes.
+
+Every test checks the invariants of the fault suite: the experiment completes; each accepted update is
+applied exactly once (no (task, worker) pair twice in the run record); no task is lost (the task a killed
+worker held is applied later, by whoever got it next); versions only go up (the record holds 1..N once
+each); the checkpoint stays consistent (it loads, at the final version, and no temporary file is left).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from common.amqp import connect
+from coordinator import checkpoint
+from coordinator.local_federation import LocalFederation
+
+pytestmark = pytest.mark.faults
+
+FAST = {"fedbuff.concurrency": 2, "fedbuff.buffer_size": 2, "fedbuff.max_staleness": 50, "local.steps": 5,
+        "local.batch_size": 16, "tasks.eval_every": 0, "tasks.deadline_s": 120.0, "data.eval_max_clips": 24,
+        "stop.max_versions": 8}
+
+
+def _federation(experiment, tmp_path, corpus, workers: list[dict], **settings) -> LocalFederation:
+    from common.config import load_config
+    from coordinator.experiment import ExperimentConfig
+
+    cfg = load_config(ExperimentConfig, env={}, overrides={
+        "experiment.name": experiment.experiment, "experiment.run_dir": str(tmp_path / "run"),
+        "data.path": str(corpus), **FAST, **settings})
+    return LocalFederation(cfg, corpus, workers)
+
+
+def _events(fed: LocalFederation, log_name: str, event: str) -> list[dict]:
+    path = fed.run_dir / log_name
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("event") == event:
+            out.append(entry)
+    return out
+
+
+def _applied(fed: LocalFederation) -> list[tuple[str, str]]:
+    return [(t, w) for e in fed.versions() for t, w in zip(e["tasks"], e["workers"])]
+
+
+def _assert_consistent(fed: LocalFederation, versions: int) -> dict:
+    summary = fed.summary()
+    assert summary is not None, f"no summary (logs in {fed.run_dir})"
+    assert summary["reason"] == "max_versions" and summary["versions"] == versions, summary
+    assert [e["version"] for e in fed.versions()] == list(range(1, versions + 1)), "versions must go 1..N once each"
+    applied = _applied(fed)
+    assert len(applied) == len(set(applied)), "an update was applied twice"
+    state = checkpoint.load(fed.run_dir / "checkpoint.pt", fed.name)
+    assert state["aggregator"]["version"] == versions
+    assert not list(fed.run_dir.glob(".checkpoint.pt.*.tmp")), "a temporary checkpoint file was left behind"
+    return summary
+
+
+def _run_to_end(fed: LocalFederation, timeout: float = 240) -> None:
+    try:
+        fed.wait_coordinator(timeout)
+    finally:
+        fed.stop()
+
+
+def _held_task(fed: LocalFederation, node: str) -> str:
+    """The task a killed worker was working on: the last one it started."""
+    started = _events(fed, f"worker-{node}.log", "task_started")
+    assert started, f"{node} never started a task"
+    return started[-1]["task_id"]
+
+
+def test_worker_killed_mid_training_loses_no_task(experiment, small_corpus_dir, tmp_path):
+    fed = _federation(experiment, tmp_path, small_corpus_dir, [
+        {"shard": "iid:1/2", "env": {"MQFED_FAILPOINTS": "worker.during_training=kill@13"}},  # 3rd task, step 3
+        {"shard": "iid:2/2"}]).start()
+    fed.wait_for(lambda: fed.workers["w1"].poll() is not None, 180, "w1 to die at its failpoint")
+    assert fed.workers["w1"].returncode == -signal.SIGKILL
+    held = _held_task(fed, "w1")
+    _run_to_end(fed)
+    _assert_consistent(fed, 8)
+    assert held in {t for t, _ in _applied(fed)}, "the task the killed worker held was lost"
+
+
+def test_worker_killed_mid_upload_loses_no_task_and_the_partial_upload_is_dead_lettered(experiment, small_corpus_dir,
+                                                                                        tmp_path):
+    chunked = {"MQFED_WORKER_INLINE_MAX_BYTES": "1024", "MQFED_WORKER_CHUNK_BYTES": "65536"}
+    fed = _federation(experiment, tmp_path, small_corpus_dir, [
+        {"shard": "iid:1/2", "env": {**chunked, "MQFED_FAILPOINTS": "worker.after_chunk=kill@10"}},  # 2nd upload
+        {"shard": "iid:2/2", "env": chunked}], **{"tasks.codec": "none", "tasks.transfer_timeout_s": 5.0}).start()
+    fed.wait_for(lambda: fed.workers["w1"].poll() is not None, 180, "w1 to die mid-upload")
+    held = _held_task(fed, "w1")
+    _run_to_end(fed)
+    _assert_consistent(fed, 8)
+    assert held in {t for t, _ in _applied(fed)}, "the task the killed worker held was lost"
+    dead = _events(fed, "coordinator.log", "message_dead_lettered")
+    assert any("missing" in e["reason"] for e in dead), "the incomplete upload was not dead-lettered"
+
+
+def test_worker_killed_between_publishing_its_update_and_acking_its_task(experiment, small_corpus_dir, tmp_path):
+    fed = _federation(experiment, tmp_path, small_corpus_dir, [
+        {"shard": "iid:1/2", "env": {"MQFED_FAILPOINTS": "worker.before_task_ack=kill@2"}},
+        {"shard": "iid:2/2"}]).start()
+    fed.wait_for(lambda: fed.workers["w1"].poll() is not None, 180, "w1 to die before its ack")
+    held = _held_task(fed, "w1")
+    _run_to_end(fed)
+    _assert_consistent(fed, 8)
+    applied = _applied(fed)
+    # Its update was confirmed before it died: applied once. The broker gave the unacknowledged task to w2,
+    # whose update for it is a different update (its own data), applied once too.
+    assert applied.count((held, "w1/cpu")) == 1
+    assert (held, "w2/cpu") in applied
+
+
+def test_coordinator_killed_mid_aggregation_resumes_and_applies_nothing_twice(experiment, small_corpus_dir, tmp_path):
+    fed = _federation(experiment, tmp_path, small_corpus_dir, [{"shard": "iid:1/2"}, {"shard": "iid:2/2"}],
+                      **{"fedbuff.buffer_size": 3})
+    fed.start_coordinator(env={"MQFED_FAILPOINTS": "coordinator.after_buffer=kill@8"})  # 2 into version 3's buffer
+    for spec in fed.worker_specs:
+        fed.start_worker(spec["node"])
+    fed.wait_for(lambda: fed.coordinator.poll() is not None, 180, "the coordinator to die at its failpoint")
+    assert fed.coordinator.returncode == -signal.SIGKILL
+    fed.start_coordinator()
+    _run_to_end(fed)
+    _assert_consistent(fed, 8)
+    assert _events(fed, "coordinator.log", "coordinator_resumed")[0]["version"] == 2
+
+
+def test_coordinator_killed_mid_checkpoint_write_resumes_from_the_previous_checkpoint(experiment, small_corpus_dir,
+                                                                                       tmp_path):
+    fed = _federation(experiment, tmp_path, small_corpus_dir, [{"shard": "iid:1/2"}, {"shard": "iid:2/2"}])
+    fed.start_coordinator(env={"MQFED_FAILPOINTS": "coordinator.before_checkpoint_rename=kill@3"})
+    for spec in fed.worker_specs:
+        fed.start_worker(spec["node"])
+    fed.wait_for(lambda: fed.coordinator.poll() is not None, 180, "the coordinator to die mid-checkpoint")
+    assert list(fed.run_dir.glob(".checkpoint.pt.*.tmp")), "the failpoint should leave the half-done write"
+    assert checkpoint.load(fed.run_dir / "checkpoint.pt", fed.name)["aggregator"]["version"] == 2
+    fed.start_coordinator()
+    _run_to_end(fed)
+    _assert_consistent(fed, 8)
+    assert _events(fed, "coordinator.log", "coordinator_resumed")[0]["version"] == 2
+
+
+def test_a_standby_coordinator_takes_over_when_the_active_one_dies(experiment, small_corpus_dir, tmp_path):
+    fed = _federation(experiment, tmp_path, small_corpus_dir, [{"shard": "iid:1/2"}, {"shard": "iid:2/2"}],
+                      **{"stop.max_versions": 10}).start()
+    fed.wait_for(lambda: len(fed.versions()) >= 3, 180, "3 versions")
+    active = fed.coordinator
+    standby = fed.start_coordinator(log_name="coordinator-standby.log")
+    fed.wait_for(lambda: _events(fed, "coordinator-standby.log", "coordinator_standby"), 60, "the replica to stand by")
+    assert standby.poll() is None
+    LocalFederation.signal([active], signal.SIGKILL)
+    _run_to_end(fed)
+    assert standby.returncode == 0
+    _assert_consistent(fed, 10)
+    assert _events(fed, "coordinator-standby.log", "coordinator_resumed")[0]["version"] >= 3
+
+
+def test_a_worker_away_for_many_versions_has_its_stale_update_dropped_and_catches_up(experiment, small_corpus_dir,
+                                                                                    tmp_path):
+    fed = _federation(experiment, tmp_path, small_corpus_dir, [
+        {"shard": "iid:1/2", "env": {"MQFED_WORKER_DELAY_S": "3"}}, {"shard": "iid:2/2"}],
+        **{"fedbuff.max_staleness": 2, "fedbuff.buffer_size": 1, "stop.max_versions": 14}).start()
+    w1 = fed.workers["w1"]
+    fed.wait_for(lambda: _events(fed, "worker-w1.log", "task_started"), 120, "w1 to start a task")
+    w1.send_signal(signal.SIGSTOP)  # away: holds its task, says nothing
+    try:
+        fed.wait_for(lambda: len(fed.versions()) >= 6, 180, "6 versions without w1")
+    finally:
+        w1.send_signal(signal.SIGCONT)
+    _run_to_end(fed)
+    summary = _assert_consistent(fed, 14)
+    assert summary["counters"]["stale_dropped"] >= 1, summary["counters"]
+    published = _events(fed, "worker-w1.log", "update_published")
+    stale, later = published[0], published[-1]
+    assert later["base_version"] > stale["base_version"] + 2, "w1 did not catch up after coming back"
+
+
+def test_tasks_nobody_takes_expire_and_are_reissued_then_the_run_completes(experiment, small_corpus_dir, tmp_path):
+    fed = _federation(experiment, tmp_path, small_corpus_dir, [{"shard": "iid:1/2"}, {"shard": "iid:2/2"}],
+                      **{"tasks.deadline_s": 3.0})
+    fed.start_coordinator()
+    conn = connect("test", device="faults", attempts=3)
+    depths = []
+    try:
+        fed.wait_for(lambda: _events(fed, "coordinator.log", "tasks_expired"), 60, "tasks to expire")
+        for _ in range(12):  # no worker yet: expired tasks are replaced, never piled up
+            ch = conn.channel()
+            depths.append(ch.queue_declare(experiment.tasks, passive=True).method.message_count)
+            ch.close()
+            time.sleep(0.5)
+        ch = conn.channel()
+        method, props, _ = ch.basic_get(experiment.dead_letters, auto_ack=True)
+        assert method is not None, "expired tasks should be in the dead-letter queue"
+        reason = props.headers["x-death"][0]["reason"]
+        assert (reason.decode() if isinstance(reason, bytes) else reason) == "expired"
+    finally:
+        conn.close()
+    # `concurrency` live tasks, plus replacements issued just before the broker drops the expired ones.
+    assert max(depths) <= 4, depths
+    for spec in fed.worker_specs:
+        fed.start_worker(spec["node"])
+    _run_to_end(fed)
+    _assert_consistent(fed, 8)
+    assert fed.summary()["counters"]["tasks_expired"] >= 2
+
+
+def test_a_slow_consumer_holding_tasks_past_their_deadline_does_not_stall_the_run(experiment, small_corpus_dir,
+                                                                                tmp_path):
+    fed = _federation(experiment, tmp_path, small_corpus_dir, [
+        {"shard": "iid:1/2", "env": {"MQFED_WORKER_DELAY_S": "12"}}, {"shard": "iid:2/2"}],
+        **{"tasks.deadline_s": 6.0, "fedbuff.buffer_size": 1, "stop.max_versions": 10}).start()
+    _run_to_end(fed)
+    summary = _assert_consistent(fed, 10)
+    assert summary["counters"]["tasks_expired"] >= 1
+    workers = {w for e in fed.versions() for w in e["workers"]}
+    assert "w2/cpu" in workers
