@@ -7,6 +7,7 @@
   version, a corrupt/incomplete transfer, or a handler raising `MessageError` is rejected with
   `basic_nack(requeue=False)`, so it ends in the queue's dead-letter exchange, with one clear log line; the
   consumer keeps running. Other handler exceptions propagate (the message is then redelivered).
+  `stats` counts what was dead-lettered, by error type.
 - A completed payload that no message claims within the reassembler's timeout is dropped (and logged).
 - Deliveries are queued by pika's callback and handled by `poll()` / `run()` afterwards, outside pika's
   callback: a handler may then do broker I/O of its own on the same connection (publish with confirms,
@@ -35,9 +36,16 @@ DEFER = "defer"  # handler return value: the handler acks `consumer.current_tag`
 
 @dataclasses.dataclass
 class ConsumerStats:
+    """What the consumer saw since it started. dead_lettered: deliveries rejected to the dead-letter
+    exchange; rejected: the same, by error type (MalformedMessage, UnsupportedSchemaVersion, InvalidField,
+    CorruptTransfer, IncompleteTransfer, InvalidChunk, ...). unclaimed_payloads: completed transfers no
+    message claimed within the timeout (dropped; their chunks were acknowledged)."""
+
     messages: int = 0
     chunks: int = 0
     dead_lettered: int = 0
+    rejected: dict[str, int] = dataclasses.field(default_factory=dict)
+    unclaimed_payloads: int = 0
 
 
 class MessageConsumer:
@@ -61,12 +69,16 @@ class MessageConsumer:
         self.tag = channel.basic_consume(queue, lambda _ch, *delivery: self._inbox.append(delivery),
                                          consumer_tag=consumer_tag)
 
-    def _reject(self, tags: list, reason: str, **kw) -> None:
+    def _reject(self, tags: list, error: Exception, reason: str, **kw) -> None:
+        count = 0
         for tag in tags:
             if tag is not None:
                 self.channel.basic_nack(tag, requeue=False)
-                self.stats.dead_lettered += 1
-        log.warning("message_dead_lettered", queue=self.queue, reason=reason, count=len(tags), **kw)
+                count += 1
+        kind = type(error).__name__
+        self.stats.dead_lettered += count
+        self.stats.rejected[kind] = self.stats.rejected.get(kind, 0) + count
+        log.warning("message_dead_lettered", queue=self.queue, error=kind, reason=reason, count=count, **kw)
 
     def _on_delivery(self, method, props: pika.BasicProperties, body: bytes) -> None:
         ch = self.channel
@@ -76,7 +88,7 @@ class MessageConsumer:
             try:
                 res = self.reassembler.add(props.headers, body, tag)
             except ChunkError as exc:
-                self._reject(exc.tokens or [tag], str(exc), transfer_id=exc.transfer_id)
+                self._reject(exc.tokens or [tag], exc, str(exc), transfer_id=exc.transfer_id)
                 return
             if res.complete is not None:
                 self.payloads[res.complete.transfer_id] = res.complete
@@ -102,7 +114,7 @@ class MessageConsumer:
                 if payload is not None:
                     payload.close()
         except messages.MessageError as exc:
-            self._reject([tag], f"{type(exc).__name__}: {exc}", message_id=props.message_id, type=props.type)
+            self._reject([tag], exc, f"{type(exc).__name__}: {exc}", message_id=props.message_id, type=props.type)
             return
         if outcome != DEFER:
             ch.basic_ack(tag)
@@ -115,12 +127,13 @@ class MessageConsumer:
     def expire(self) -> None:
         """Reject transfers that stalled, and drop completed payloads no message claimed in time."""
         for err in self.reassembler.expire():
-            self._reject(err.tokens, str(err), transfer_id=err.transfer_id, missing=err.missing[:10])
+            self._reject(err.tokens, err, str(err), transfer_id=err.transfer_id, missing=err.missing[:10])
         now = time.monotonic()
         for tid, since in list(self._payload_since.items()):
             if now - since >= self.reassembler.timeout_s:
                 self._payload_since.pop(tid)
                 self.payloads.pop(tid).close()
+                self.stats.unclaimed_payloads += 1
                 log.warning("payload_unclaimed", queue=self.queue, transfer_id=tid)
 
     def stop(self) -> None:
