@@ -8,6 +8,8 @@
   `basic_nack(requeue=False)`, so it ends in the queue's dead-letter exchange, with one clear log line; the
   consumer keeps running. Other handler exceptions propagate (the message is then redelivered).
   `stats` counts what was dead-lettered, by error type.
+- A message whose `wire_bytes` differs from the size of the payload it carries (inline or transferred) is
+  rejected the same way: declared sizes that lie are refused, not merely logged.
 - A completed payload that no message claims within the reassembler's timeout is dropped (and logged).
 - Deliveries are queued by pika's callback and handled by `poll()` / `run()` afterwards, outside pika's
   callback: a handler may then do broker I/O of its own on the same connection (publish with confirms,
@@ -106,6 +108,14 @@ class MessageConsumer:
                 self._payload_since.pop(ref.transfer_id, None)
                 if payload is None:
                     raise messages.InvalidField(f"payload transfer {ref.transfer_id} not received (or incomplete)")
+            declared = getattr(msg, "wire_bytes", None)
+            if ref is not None and declared is not None:
+                size = payload.size if payload is not None else len(ref.inline)
+                if declared != size:
+                    if payload is not None:
+                        payload.close()
+                    raise messages.InvalidField(f"{messages.type_tag(msg)} declares wire_bytes={declared} but its"
+                                                f" payload has {size} bytes")
             self.current_tag = tag
             try:
                 outcome = self.handler(msg, payload)
