@@ -35,6 +35,8 @@ import zlib
 from pathlib import Path
 
 import msgpack
+import pika.compat
+import pika.data
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
@@ -374,15 +376,22 @@ _H = ["mqfed-transfer", "mqfed-chunk", "mqfed-chunks", "mqfed-size", "mqfed-chun
 
 
 def _transfer(tid: str, size: int, chunk_size: int) -> list[tuple[bytes, dict]]:
+    """The chunks of a transfer as a consumer sees them (headers through pika's wire encoding)."""
     out = []
     data = hashlib.sha256(tid.encode()).digest() * (size // 32 + 1)
     publish_chunked(lambda body, h: out.append((bytes(body), h)), data[:size], chunk_size=chunk_size, transfer_id=tid)
-    return out
+    return [(body, _through_pika(h)) for body, h in out]
+
+
+def _through_pika(headers: dict) -> dict:
+    pieces: list = []
+    pika.data.encode_table(pieces, headers)
+    return pika.data.decode_table(b"".join(pieces), 0)[0]
 
 
 _TRANSFERS = [_transfer("a", 100, 16), _transfer("b", 33, 32), _transfer("c", 0, 8), _transfer("d", 64, 64)]
 _HEADER_VALUES = st.one_of(
-    st.integers(-2, 200), st.sampled_from([1 << 31, 1 << 40, 1 << 62, (1 << 63) - 1, 1 << 63, 1 << 64, 10 ** 30]),
+    st.integers(-2, 200), st.integers(0, 1 << 40).map(pika.compat.long),  # pika decodes 64-bit ints as `long` st.sampled_from([1 << 31, 1 << 40, 1 << 62, (1 << 63) - 1, 1 << 63, 1 << 64, 10 ** 30]),
     st.text(max_size=8), st.binary(max_size=8), st.sampled_from([b"\xff\xfe", b"a", "a", "b"]), st.none(), st.booleans(),
     st.floats(allow_nan=False, max_value=1e3, min_value=-1e3))
 
