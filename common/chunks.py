@@ -284,7 +284,8 @@ class Reassembler:
             raise InvalidChunk(f"chunk headers have wrong types: transfer id {tid!r:.80} or sha256 is not UTF-8") from None
         headers[H_TRANSFER], headers[H_SHA256] = tid, digest
         ints = (index, count, size, csize, crc)
-        if not isinstance(tid, str) or not isinstance(digest, str) or not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
+        numbers = all(isinstance(v, int) and not isinstance(v, bool) for v in ints)  # pika's `long` is an int
+        if not isinstance(tid, str) or not isinstance(digest, str) or not numbers:
             raise InvalidChunk("chunk headers have wrong types", str(tid))
         if count < 1 or csize < 1 or size < 0 or not 0 <= index < count or max(1, -(-size // csize)) != count:
             raise InvalidChunk(f"chunk {index}/{count} of size {size} (chunks of {csize}) is inconsistent", tid)
