@@ -120,7 +120,8 @@ _FAR = 4_000_000_000.0
 MESSAGE_SEEDS = [
     messages.TrainTask("exp", "t1", 3, 50, 16, 1e-4, _FAR, "topk:0.01", options={"epochs": 1.0, "model": "kws-tiny"}),
     messages.EvaluateTask("exp", "e1", 4, "validation", _FAR),
-    messages.Update("exp", "t1", "node-a/cpu", 3, 128, {"loss": 0.5}, "none", 400, 2, messages.PayloadRef(inline=b"\0\1")),
+    messages.Update("exp", "t1", "node-a/cpu", 3, 128, {"loss": 0.5}, "none", 400, 2,
+                    messages.PayloadRef(inline=b"\0\1")),
     messages.Update("exp", "t2", "node-a/cpu", 3, 128, {}, "int8", 400, 100, messages.PayloadRef(transfer_id="abc")),
     messages.ModelVersion("exp", 7, 1234, 48, 380_000_000, "ab" * 32, "tid", 1700000000.5),
     messages.Registration("exp", "node-a", ["cuda:0", "cuda:1"], "iid:1/2", 5120),
@@ -165,7 +166,8 @@ def test_messages_decode_raises_only_message_errors(data):
 # -- common.tensors.decode_state ----------------------------------------------------------------------------
 
 _STATE = {
-    "w": torch.arange(6, dtype=torch.float32).view(2, 3), "i": torch.arange(4), "mask": torch.tensor([True, False, True]),
+    "w": torch.arange(6, dtype=torch.float32).view(2, 3), "i": torch.arange(4),
+    "mask": torch.tensor([True, False, True]),
     "half": torch.ones((), dtype=torch.bfloat16), "empty": torch.empty(0, 5, dtype=torch.float16),
     "u": torch.arange(3, dtype=torch.uint8),
 }
@@ -193,8 +195,8 @@ def frame_mutations(draw, frame: bytes = _FRAME):
         i = draw(st.integers(0, len(header) - 1))
         entry = list(header[i])
         j = draw(st.integers(0, 4))
-        entry[j] = draw(st.one_of(MSGPACK_VALUES, st.integers(-2, 2 * len(body)),
-                                  st.lists(st.sampled_from([0, 1, 2, 3, 5, 1 << 31, (1 << 63) - 1, 1 << 63]), max_size=4)))
+        dims = st.lists(st.sampled_from([0, 1, 2, 3, 5, 1 << 31, (1 << 63) - 1, 1 << 63]), max_size=4)
+        entry[j] = draw(st.one_of(MSGPACK_VALUES, st.integers(-2, 2 * len(body)), dims))
         header[i] = entry
     elif op == "drop":
         header.pop(draw(st.integers(0, len(header) - 1)))
@@ -227,8 +229,8 @@ def test_decode_state_raises_only_tensor_format_errors(data):
 
 def _delta(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"w": torch.randn(16, 12, generator=g) * 1e-2, "b": torch.randn(12, generator=g), "s": torch.randn((), generator=g),
-            "z": torch.zeros(40), "e": torch.empty(0, 3)}
+    return {"w": torch.randn(16, 12, generator=g) * 1e-2, "b": torch.randn(12, generator=g),
+            "s": torch.randn((), generator=g), "z": torch.zeros(40), "e": torch.empty(0, 3)}
 
 
 _SPECS = ["none", "fp16", "bf16", "int8:block=16", "int8:round=stochastic+lzma", "topk:0.05+int8", "topk:0.5+fp16",
@@ -242,7 +244,9 @@ def _decompress(name: str, data: bytes) -> bytes:
 
 
 def _compress(name: str, data: bytes) -> bytes:
-    return zlib.compress(data) if name == "zlib" else lzma.compress(data, format=lzma.FORMAT_XZ) if name == "lzma" else data
+    if name == "zlib":
+        return zlib.compress(data)
+    return lzma.compress(data, format=lzma.FORMAT_XZ) if name == "lzma" else data
 
 
 @st.composite
@@ -391,7 +395,9 @@ def _through_pika(headers: dict) -> dict:
 
 _TRANSFERS = [_transfer("a", 100, 16), _transfer("b", 33, 32), _transfer("c", 0, 8), _transfer("d", 64, 64)]
 _HEADER_VALUES = st.one_of(
-    st.integers(-2, 200), st.integers(0, 1 << 40).map(pika.compat.long),  # pika decodes 64-bit ints as `long` st.sampled_from([1 << 31, 1 << 40, 1 << 62, (1 << 63) - 1, 1 << 63, 1 << 64, 10 ** 30]),
+    st.integers(-2, 200),
+    st.integers(0, 1 << 40).map(pika.compat.long),  # pika decodes 64-bit ints as its `long` (an int subclass)
+    st.sampled_from([1 << 31, 1 << 40, 1 << 62, (1 << 63) - 1, 1 << 63, 1 << 64, 10 ** 30]),
     st.text(max_size=8), st.binary(max_size=8), st.sampled_from([b"\xff\xfe", b"a", "a", "b"]), st.none(), st.booleans(),
     st.floats(allow_nan=False, max_value=1e3, min_value=-1e3))
 
