@@ -13,7 +13,7 @@ threads = 0                      # CPU threads per trainer (0: cores / CPU train
 slowdown = 1.0                   # experiments: take this many times as long per task (a straggler)
 delay_s = 0.0                    # experiments: plus this many seconds per task
 heartbeat_s = 10.0
-inline_max_bytes = 1048576       # update payloads up to this size ride inside the update message
+inline_max_bytes = 1048576       # update payloads up to this size ride inside the update message (<= 63 MiB)
 chunk_bytes = 8388608            # larger ones travel in chunks of this size (below the broker's limit)
 ```
 """
@@ -23,7 +23,10 @@ import dataclasses
 import math
 import socket
 
+from common.messages import MAX_MESSAGE_BYTES
 from common.shards import ShardSpec
+
+INLINE_LIMIT = MAX_MESSAGE_BYTES - 1024 * 1024  # the largest inline update payload (see inline_max_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +57,13 @@ class WorkerSection:
         ShardSpec.parse(self.shard)
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
             raise ValueError(f"worker.threads must be an int >= 0, got {self.threads!r}")
-        for name in ("inline_max_bytes", "chunk_bytes"):
+        # An inline payload rides inside the update message, which the coordinator refuses above
+        # MAX_MESSAGE_BYTES: leave room for the message's other fields.
+        limits = {"inline_max_bytes": (INLINE_LIMIT, "64 MiB - 1 MiB"), "chunk_bytes": (64 * 1024 * 1024, "64 MiB")}
+        for name, (high, shown) in limits.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1024 <= value <= 64 * 1024 * 1024:
-                raise ValueError(f"worker.{name} must be an int in [1024, 64 MiB], got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1024 <= value <= high:
+                raise ValueError(f"worker.{name} must be an int in [1024, {shown}], got {value!r}")
         for name, low in (("slowdown", 1.0), ("delay_s", 0.0), ("heartbeat_s", 0.1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
