@@ -79,7 +79,7 @@ LOADER_CASES = {
     "worker-env-impossible": ("worker", "", {"MQFED_WORKER_HEARTBEAT_S": "0"},
                               ["worker.heartbeat_s must be a finite number >= 0.1, got 0", "MQFED_WORKER_HEARTBEAT_S"]),
     "worker-inline-above-message-limit": ("worker", "[worker]\ninline_max_bytes = 67108864\n", {},
-                                          ["worker.inline_max_bytes must be an int in [1024, 64 MiB - 1 MiB], got 67108864"]),
+                                          ["worker.inline_max_bytes must be an int in [1024, 64 MiB - 1 MiB]"]),
 }
 
 
