@@ -26,7 +26,9 @@ never split on ``_``. A value is read as a TOML value when it parses and fits th
 ``true``, ``["a", "b"]``, ``{a = 1.0}``, ``"quoted"``), otherwise as the bare string (``node-a``; ``123``
 for a str field stays ``"123"``). For an Optional field ``""`` and ``none`` (any case) mean None.
 Prefixed variables that match no field are ignored, because other tools share the prefix
-(``MQFED_LOG_LEVEL``, ``MQFED_CACHE_DIR``); ``strict_env=True`` refuses them instead.
+(``MQFED_LOG_LEVEL``, ``MQFED_CACHE_DIR``), except under a section of the config being loaded: a
+misspelt ``MQFED_FEDBUFF_BUFER_SIZE`` is refused (with a suggestion) when the config has a ``fedbuff``
+section. ``strict_env=True`` refuses every unmatched prefixed variable.
 
 Everything is checked once, at load: unknown keys (with "did you mean"), wrong types (bool is not an
 int, an int is accepted for a float, None only for Optional fields), a section given as a value or a
@@ -79,11 +81,13 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, *,
     if path is not None:
         _flatten(cls, _read_toml(path), os.fspath(path), "", flat)
     names = _env_names(cls, env_prefix)
+    hints = get_type_hints(cls)
+    sections = tuple(f"{env_prefix}{f.name.upper()}_" for f in dataclasses.fields(cls) if _is_section(hints[f.name]))
     for name, raw in (os.environ if env is None else env).items():
         if name in names:
             key, tp = names[name]
             flat[key] = (_from_env(raw, tp, key, name), name)
-        elif strict_env and name.startswith(env_prefix):
+        elif name.startswith(sections) or (strict_env and name.startswith(env_prefix)):
             raise ConfigError(f"{name}: environment variable matches no config key{_suggest(name, names)}")
     for key, value in (overrides or {}).items():
         nested: Any = value

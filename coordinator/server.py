@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import signal
 import threading
@@ -244,7 +245,7 @@ class Coordinator:
             events.basic_consume(q, self._on_event, auto_ack=True)
             prefetch = max(16, 2 * self.aggregator.config.buffer_size + 8)
             self.consumer = MessageConsumer(conn.channel(), self.topo.updates, self._on_update, prefetch=prefetch,
-                                            reassembler=Reassembler(spool_dir=str(self.run_dir),
+                                            reassembler=Reassembler(spill_threshold=0, spool_dir=str(self.run_dir),
                                                                         timeout_s=self.cfg.tasks.transfer_timeout_s),
                                             consumer_tag=f"coordinator:{self.node or os.uname().nodename}:{os.getpid()}")
             log.info("coordinator_started", experiment=self.name, version=self.version, mode=self.cfg.fedbuff.mode,
@@ -311,7 +312,8 @@ class Coordinator:
             "best_accuracy": self.best["accuracy"], "best_version": self.best["version"],
             "final_accuracy": self.last_eval["accuracy"] if self.last_eval else None,
             "export": str(self.export_dir) if self.export_dir.exists() else None,
-            "counters": {**self.aggregator.counters, **self.counters, "issued": self.dispatcher.issued},
+            "counters": {**self.aggregator.counters, **self.counters, "issued": self.dispatcher.issued,
+                         "dead_letters_by_error": dict(self.consumer.stats.rejected) if hasattr(self, "consumer") else {}},
             "workers": sorted(self.workers),
         }
 
@@ -356,6 +358,10 @@ class Coordinator:
         version = self.version
         try:
             delta = codecs.decode(data, expected_codec=msg.codec, max_elements=self.numel)
+            elements = sum(math.prod(v.shape) for v in delta.values())
+            if msg.raw_bytes != 4 * elements:
+                raise codecs.CodecError(f"raw_bytes={msg.raw_bytes}, but the payload decodes to {elements}"
+                                        f" float32 values ({4 * elements} bytes)")
         except codecs.CodecError as exc:
             self.counters["codec_errors"] += 1
             self.counters["dead_lettered"] += 1

@@ -213,7 +213,7 @@ class Trainer:
             log.info("task_returned", task_id=task.task_id, worker=self.worker_id, reason="shutting down")
             ch.basic_reject(tag, requeue=True)
             return
-        except (DataError, ValueError, FloatingPointError, ModelNotFound) as exc:
+        except (DataError, ValueError, TypeError, FloatingPointError, ModelNotFound) as exc:
             # The task cannot be done here (bad options, a model that does not fit, diverged training):
             # dead-letter it with the reason rather than loop on it.
             log.error("task_failed", task_id=task.task_id, worker=self.worker_id, error=f"{type(exc).__name__}: {exc}")
@@ -226,7 +226,11 @@ class Trainer:
         self.tasks_done += 1
 
     def _wait_for(self, fn, *args):
-        """Run fn(*args) in a thread while this thread keeps the connection alive; re-raise its error."""
+        """Run fn(*args) in a thread while this thread keeps the connection alive; re-raise its error.
+
+        If the connection fails meanwhile, the thread is told to abort (`self.abort`, checked at every
+        training step) and joined before the error propagates: the model is never trained by two threads.
+        """
         box: dict = {}
 
         def target():
@@ -235,10 +239,16 @@ class Trainer:
             except BaseException as exc:  # handed to the caller's thread
                 box["error"] = exc
 
+        self.abort = threading.Event()
         t = threading.Thread(target=target, name=f"train-{self.device}", daemon=True)
         t.start()
-        while t.is_alive():
-            self.conn.process_data_events(time_limit=0.2)
+        try:
+            while t.is_alive():
+                self.conn.process_data_events(time_limit=0.2)
+        except BaseException:
+            self.abort.set()
+            t.join()
+            raise
         if "error" in box:
             raise box["error"]
         return box["result"]
@@ -247,7 +257,10 @@ class Trainer:
         spec = ModelSpec(str(options.get("model", ModelSpec.name)), bool(options.get("freeze_feature_encoder", False)))
         key = (spec.name, spec.freeze_feature_encoder)
         if self.model_key != key:
-            self.model = build_model(spec, weights=False)
+            try:
+                self.model = build_model(spec, weights=False)
+            except OSError as exc:
+                raise ValueError(f"task names model {spec.name!r}: {exc}") from None
             self.model_key = key
         return self.model
 
@@ -288,16 +301,20 @@ class Trainer:
                              optimizer=str(opts.get("optimizer", "adamw")), time_shift_s=float(opts.get("time_shift_s", 0.1)),
                              seed=hash((self.worker_id, task.task_id)) & 0x7FFFFFFF)
 
+        def check_abort():
+            if self.stop_event.is_set() or self.abort.is_set():
+                raise TaskAborted()
+
         def on_step(_step, _total, _loss):
             failpoint("worker.during_training")
-            if self.stop_event.is_set():
-                raise TaskAborted()
+            check_abort()
 
         def work():
             result = train(model, self.train_clips, config, self.device, on_step=on_step)
-            extra = (self.w.slowdown - 1.0) * result.seconds + self.w.delay_s
-            if extra > 0 and self.stop_event.wait(extra):
-                raise TaskAborted()
+            end = time.monotonic() + (self.w.slowdown - 1.0) * result.seconds + self.w.delay_s
+            while time.monotonic() < end:  # a straggler (experiments): sleep, abortable
+                check_abort()
+                time.sleep(min(0.1, max(0.0, end - time.monotonic())))
             return result
 
         result = self._wait_for(work)

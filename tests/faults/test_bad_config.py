@@ -144,10 +144,6 @@ def test_bad_configuration_is_refused_at_start_naming_the_key_and_touching_nothi
     assert _declared(_experiment(case)) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "common/config.py ignores every MQFED_ variable that matches no key (the prefix is shared with "
-    "MQFED_LOG_LEVEL, MQFED_FAILPOINTS, ...), so a misspelt key in the environment is silently unused; "
-    "the change that would refuse it is described in docs/faults.md"))
 def test_a_misspelt_key_in_the_environment_is_refused_naming_the_variable(tmp_path):
     from common.config import ConfigError, load_config
     from coordinator.experiment import ExperimentConfig

@@ -502,10 +502,6 @@ def test_a_stale_update_is_acknowledged_counted_and_dropped_not_dead_lettered(fe
     assert fed.logged(mark, "update_rejected", task_id="stale")["reason"] == "stale"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "coordinator/server.py does not compare Update.raw_bytes (the dense float32 size, 4 bytes per element) with "
-    "the decoded delta: a lying raw_bytes is applied and skews the record's raw_bytes and compression_ratio "
-    "(change described in docs/faults.md)"))
 def test_an_update_whose_declared_raw_size_lies_is_dead_lettered(fed):
     mark = fed.mark()
     fed.publish_message(fed.update("raw-bytes-lie", raw_bytes=10 ** 12), "raw-bytes-lie")
@@ -654,11 +650,6 @@ def test_a_chunk_with_lying_or_malformed_headers_is_dead_lettered(fed, case):
 
 # -- found while writing these tests (not bad input): keep last, it leaves dead letters behind when it fails --
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the consumer keeps the chunks of an in-memory transfer (below the Reassembler's 64 MiB spill threshold) "
-    "unacknowledged until the transfer completes; when interleaved transfers hold as many deliveries as the "
-    "prefetch window (16 here) and none is complete, the broker sends nothing more, and after "
-    "tasks.transfer_timeout_s every one is dead-lettered. Options in docs/faults.md"))
 def test_interleaved_chunked_transfers_filling_the_prefetch_window_all_complete(fed):
     mark = fed.mark()
     transfers = [chunked(fed, f"interleaved-{i}") for i in range(6)]  # 6 x 4 chunks, sent round-robin

@@ -543,11 +543,6 @@ def test_worker_task_path_settles_every_delivery_once_and_runs_only_valid_tasks(
         assert ch.settled == ["ack"] and reached == [msg]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "worker/daemon.py: Trainer._train_task converts TrainTask.options with float()/int(), which raise TypeError "
-    "for a list or None; _on_task catches only DataError/ValueError/FloatingPointError/ModelNotFound, so the "
-    "TypeError kills the trainer and the redelivered task kills the next one (until x-delivery-limit). Fix: "
-    "add TypeError to that except clause (see docs/faults.md)"))
 @pytest.mark.parametrize("options", [{"epochs": [1.0]}, {"warmup_steps": None}, {"time_shift_s": {}}],
                          ids=["epochs-list", "warmup-none", "time-shift-map"])
 def test_a_train_task_with_options_of_the_wrong_type_is_dead_lettered_not_fatal_to_the_trainer(options):
