@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-
+from common.amqp import queue_unavailable_is_retryable
 from common.logs import get_logger
 
 log = get_logger(__name__)
@@ -97,15 +97,17 @@ def declare(channel, topo: Topology, passive: bool = False) -> None:
     """Declare every exchange, queue and binding of `topo`; idempotent (same arguments each time).
 
     passive=True only checks that they exist (for roles without configure permission, e.g. workers);
-    raises pika.exceptions.ChannelClosedByBroker (404) when something is missing.
+    raises pika.exceptions.ChannelClosedByBroker (404) when something is missing, and
+    common.amqp.QueueUnavailable (a retryable 404) when a queue exists but is not back yet after a restart.
     """
-    for ex in topo.exchanges():
-        channel.exchange_declare(ex.name, ex.type, durable=True, passive=passive)
-    for q in topo.queues():
-        channel.queue_declare(q.name, durable=True, passive=passive, arguments=None if passive else q.arguments)
-    if not passive:
-        for b in topo.bindings():
-            channel.queue_bind(b.queue, b.exchange, routing_key=b.routing_key)
+    with queue_unavailable_is_retryable():
+        for ex in topo.exchanges():
+            channel.exchange_declare(ex.name, ex.type, durable=True, passive=passive)
+        for q in topo.queues():
+            channel.queue_declare(q.name, durable=True, passive=passive, arguments=None if passive else q.arguments)
+        if not passive:
+            for b in topo.bindings():
+                channel.queue_bind(b.queue, b.exchange, routing_key=b.routing_key)
     log.debug("topology_declared", experiment=topo.experiment, passive=passive)
 
 

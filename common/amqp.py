@@ -6,11 +6,12 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
 import time
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import pika
 import pika.exceptions
@@ -21,11 +22,47 @@ DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 log = get_logger(__name__)
 T = TypeVar("T")
 
+QUEUE_DOWN = "is down or inaccessible"
+
+
+class QueueUnavailable(pika.exceptions.ChannelClosedByBroker):
+    """The broker answers, but a durable queue of ours is not back yet: RabbitMQ closed the channel with
+    404 "home node ... of durable queue ... is down or inaccessible".
+
+    A node that restarts accepts connections a moment (about 1-2 s here) before its streams and quorum
+    queues run again; a client that reconnects in that window, e.g. after a back-off, gets this on its
+    first declare or consume. Transient, unlike the other 404s (a queue that was never declared): it is in
+    `RETRYABLE`, so the coordinator and the workers reconnect with back-off and resume. Raised by
+    `queue_unavailable_is_retryable()` in place of pika's ChannelClosedByBroker (still an instance of it).
+    """
+
+
+def is_queue_unavailable(exc: BaseException) -> bool:
+    return (isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code == 404
+            and QUEUE_DOWN in str(exc.reply_text))
+
+
+@contextlib.contextmanager
+def queue_unavailable_is_retryable() -> Iterator[None]:
+    """Turn a channel closed because a durable queue is still down into `QueueUnavailable` (retryable)."""
+    try:
+        yield
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if is_queue_unavailable(exc) and not isinstance(exc, QueueUnavailable):
+            raise QueueUnavailable(exc.reply_code, exc.reply_text) from exc
+        raise
+
+
+# What means "the broker went away, or is coming back": reconnect with back-off and resume. Broker
+# restarts raise ConnectionClosedByBroker (320 CONNECTION_FORCED, graceful), StreamLostError (socket
+# reset, abrupt), AMQPHeartbeatTimeout (a broker that hangs), AMQPConnectionError (refused while it is
+# down), QueueUnavailable (up again, queues not yet: see above).
 RETRYABLE = (
     pika.exceptions.AMQPConnectionError,
     pika.exceptions.StreamLostError,
     pika.exceptions.ConnectionClosedByBroker,
     pika.exceptions.ChannelWrongStateError,
+    QueueUnavailable,
     ConnectionError,
     socket.gaierror,
 )
@@ -57,8 +94,13 @@ def parameters(role: str, node: str | None = None, device: str | None = None, ur
 
 def connect(role: str, node: str | None = None, device: str | None = None, url: str | None = None,
             attempts: int = 0, initial_delay: float = 0.5, max_delay: float = 30.0,
-            **kwargs) -> pika.BlockingConnection:
-    """Open a blocking connection, retrying with exponential back-off (attempts=0: forever)."""
+            stop: Callable[[], bool] | None = None, **kwargs) -> pika.BlockingConnection:
+    """Open a blocking connection, retrying with exponential back-off (attempts=0: forever).
+
+    stop: checked between attempts (and during the waits, every 0.1 s); once true, the last connection
+    error is raised (a RETRYABLE one), so a daemon told to stop while the broker is down does not wait for
+    the broker to come back (pass e.g. `stop_event.is_set`).
+    """
     params = parameters(role, node, device, url, **kwargs)
     delay, attempt = initial_delay, 0
     while True:
@@ -66,11 +108,15 @@ def connect(role: str, node: str | None = None, device: str | None = None, url: 
         try:
             return pika.BlockingConnection(params)
         except RETRYABLE as exc:
-            if attempts and attempt >= attempts:
+            if (attempts and attempt >= attempts) or (stop is not None and stop()):
                 raise
             log.warning("amqp_connect_failed", host=params.host, port=params.port, attempt=attempt,
                         retry_in_s=round(delay, 2), error=repr(exc))
-            time.sleep(delay)
+            deadline = time.monotonic() + delay
+            while time.monotonic() < deadline:
+                if stop is not None and stop():
+                    raise
+                time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
             delay = min(max_delay, delay * 2)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pika
 
 from common import messages
+from common.amqp import queue_unavailable_is_retryable
 from common.chunks import DEFAULT_CHUNK_SIZE, Reassembler, is_chunk, publish_chunked
 from common.logs import get_logger
 
@@ -87,15 +88,17 @@ class ModelStore:
         reject the deliveries still buffered, and streams answer basic.reject by closing the connection.
         """
         ch = self.channel.connection.channel()
-        ch.basic_qos(prefetch_count=prefetch)
-        gen = ch.consume(queue, arguments={"x-stream-offset": offset}, inactivity_timeout=wait_s)
         try:
-            for item in gen:
-                if item == (None, None, None):
-                    return
-                method, props, body = item
-                ch.basic_ack(method.delivery_tag)
-                yield (props.headers or {}).get("x-stream-offset"), props, body
+            # A stream that is not back yet after a broker restart closes the channel (a retryable 404).
+            with queue_unavailable_is_retryable():
+                ch.basic_qos(prefetch_count=prefetch)
+                gen = ch.consume(queue, arguments={"x-stream-offset": offset}, inactivity_timeout=wait_s)
+                for item in gen:
+                    if item == (None, None, None):
+                        return
+                    method, props, body = item
+                    ch.basic_ack(method.delivery_tag)
+                    yield (props.headers or {}).get("x-stream-offset"), props, body
         finally:
             _close_without_reject(ch)
 
@@ -137,6 +140,10 @@ class ModelStore:
     # -- publishing --------------------------------------------------------------------------------------
     def publish(self, version: int, payload: bytes | str | os.PathLike) -> messages.ModelVersion:
         """Append version `version` (bytes or a file) to the model stream and announce it. Single publisher."""
+        with queue_unavailable_is_retryable():
+            return self._publish(version, payload)
+
+    def _publish(self, version: int, payload: bytes | str | os.PathLike) -> messages.ModelVersion:
         first = self._probe_offset() + 1
         props_base = dict(delivery_mode=2, content_type="application/octet-stream", type="model_chunk")
 

@@ -40,15 +40,17 @@ class LocalFederation:
 
     workers: one dict per worker with `shard` and optional `node`, `slowdown`, `delay_s`, `devices`, `env`
     (extra environment, e.g. `MQFED_FAILPOINTS` for a fault test).
+    env: extra environment for every process (e.g. `AMQP_URL` of another broker); per-process env wins.
     """
 
-    def __init__(self, cfg, data: str | os.PathLike, workers: list[dict]) -> None:
+    def __init__(self, cfg, data: str | os.PathLike, workers: list[dict], env: dict[str, str] | None = None) -> None:
         self.cfg = cfg
         self.name = cfg.experiment.name
         self.run_dir = Path(cfg.experiment.run_path)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.data = str(data)
         self.worker_specs = [{"node": f"w{i + 1}", **w} for i, w in enumerate(workers)]
+        self.env = dict(env or {})
         self.config_path = self.run_dir / "experiment.toml"
         self.config_path.write_text(dump_toml(cfg))
         self.coordinator: subprocess.Popen | None = None
@@ -57,7 +59,7 @@ class LocalFederation:
     def _spawn(self, argv: list[str], log_name: str, **env: str) -> subprocess.Popen:
         log = open(self.run_dir / log_name, "ab")
         return subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT,
-                                env=child_env(**env), cwd=ROOT, start_new_session=True)
+                                env=child_env(**{**self.env, **env}), cwd=ROOT, start_new_session=True)
 
     def start_coordinator(self, *extra: str, env: dict | None = None, log_name: str = "coordinator.log") -> subprocess.Popen:
         self.coordinator = self._spawn(["coordinator.cli", "run", "--config", str(self.config_path), *extra],

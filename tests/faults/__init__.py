@@ -1,0 +1,1 @@
+"""The fault suite: processes and the broker failing for real (`make test-faults`)."""

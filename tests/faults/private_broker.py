@@ -1,0 +1,306 @@
+"""A throwaway RabbitMQ node for fault tests that stop, kill and restart the broker.
+
+The machine's shared broker (127.0.0.1:5672) is never touched: `PrivateBroker` starts a node of its own as
+the current user, with its own node name (`mqfedfault-<random>@localhost`), AMQP port and distribution
+port (both free ports on 127.0.0.1), and everything else under one temporary directory:
+
+    <base>/home/.erlang.cookie   HOME of the node and of rabbitmqctl: a private cookie, ~/.erlang.cookie untouched
+    <base>/rabbitmq.conf         listener on 127.0.0.1:<port>, nothing else
+    <base>/enabled_plugins       `[].`: no management plugin, so 15672 (the shared broker's) stays free
+    <base>/rabbitmq-env.conf     empty: /etc/rabbitmq/rabbitmq-env.conf (NODENAME=...) does not apply
+    <base>/mnesia, <base>/log    data (quorum queues, streams, definitions) and logs
+
+The node runs in the foreground of a child process (its own session), so the test owns it:
+
+- `start()` launches it and waits until an AMQP handshake (login included) succeeds;
+- `stop()` is graceful (`rabbitmqctl -n NODE stop`): clients see connection.close 320 CONNECTION_FORCED;
+- `kill()` SIGKILLs the beam process: clients see their sockets reset, nothing is flushed by RabbitMQ;
+- `restart(kill=False)` stops (or kills) and starts it again on the same data directory and the same
+  port, so durable queues, streams and their messages survive and clients reconnect to the same URL;
+- `close()` always leaves nothing behind: stops the node (kills it if it will not stop), kills what is left
+  of its process group and removes the directory.
+
+`BrokerUnavailable` is raised when no RabbitMQ installation is found (`available()` tells beforehand);
+`BrokerError` when one is found but the node does not come up (with the tail of its output and log).
+Scripts are looked up in `$RABBITMQ_SCRIPTS_DIR`, `/usr/lib/rabbitmq/bin` (Debian/Ubuntu: `/usr/sbin`
+only holds wrappers that switch to the `rabbitmq` user), then next to `rabbitmq-server` on PATH.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from broker.ensure import answers
+
+START_TIMEOUT_S = 120.0  # a node boots in ~5 s here, 10-20 s on a loaded machine; generous on purpose
+STOP_TIMEOUT_S = 60.0
+_DEB_SCRIPTS = Path("/usr/lib/rabbitmq/bin")
+
+
+class BrokerUnavailable(RuntimeError):
+    """No RabbitMQ installation on this machine (rabbitmq-server not found)."""
+
+
+class BrokerError(RuntimeError):
+    """The private node did not start or stop as asked."""
+
+
+def scripts_dir() -> Path | None:
+    """Directory holding the real rabbitmq-server and rabbitmqctl scripts, or None when not installed."""
+    candidates = []
+    if os.environ.get("RABBITMQ_SCRIPTS_DIR"):
+        candidates.append(Path(os.environ["RABBITMQ_SCRIPTS_DIR"]))
+    candidates.append(_DEB_SCRIPTS)
+    found = shutil.which("rabbitmq-server")
+    if found:
+        candidates.append(Path(found).resolve().parent)
+    for d in candidates:
+        if (d / "rabbitmq-server").is_file() and (d / "rabbitmqctl").is_file():
+            return d
+    return None
+
+
+def available() -> bool:
+    return scripts_dir() is not None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+class PrivateBroker:
+    """One private RabbitMQ node (see the module doc). Use as a context manager or call `close()`."""
+
+    def __init__(self, base_dir: str | os.PathLike | None = None, start_timeout_s: float = START_TIMEOUT_S) -> None:
+        scripts = scripts_dir()
+        if scripts is None:
+            raise BrokerUnavailable("rabbitmq-server is not installed (looked in $RABBITMQ_SCRIPTS_DIR,"
+                                    f" {_DEB_SCRIPTS} and PATH)")
+        self.scripts = scripts
+        self.start_timeout_s = start_timeout_s
+        self._own_base = base_dir is None
+        self.base = Path(tempfile.mkdtemp(prefix="mqfed-rabbit-") if base_dir is None else base_dir).resolve()
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.nodename = f"mqfedfault-{secrets.token_hex(4)}@localhost"
+        self.port = free_port()
+        self.dist_port = free_port()
+        while self.dist_port == self.port:
+            self.dist_port = free_port()
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self._write_files()
+
+    # -- files and environment ---------------------------------------------------------------------------
+    def _write_files(self) -> None:
+        home = self.base / "home"
+        for d in (home, self.base / "mnesia", self.base / "log"):
+            d.mkdir(parents=True, exist_ok=True)
+        cookie = home / ".erlang.cookie"
+        if not cookie.exists():
+            cookie.write_text(secrets.token_hex(16).upper())
+            cookie.chmod(0o400)
+        (self.base / "rabbitmq.conf").write_text(
+            f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
+            "log.console = false\n"
+            "log.file.level = info\n")
+        (self.base / "enabled_plugins").write_text("[].\n")
+        (self.base / "rabbitmq-env.conf").write_text("")
+
+    def env(self) -> dict[str, str]:
+        """Environment for rabbitmq-server / rabbitmqctl of this node (no inherited RABBITMQ_* settings)."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("RABBITMQ_") and k not in ("NOTIFY_SOCKET", "ERL_FLAGS", "ERL_AFLAGS", "ERL_ZFLAGS")}
+        b = self.base
+        env.update({
+            "HOME": str(b / "home"),  # the erlang cookie of the node and of rabbitmqctl
+            "RABBITMQ_NODENAME": self.nodename,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(b / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(b / "log"),
+            "RABBITMQ_CONFIG_FILE": str(b / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(b / "advanced.config"),  # absent on purpose
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(b / "enabled_plugins"),
+            "RABBITMQ_CONF_ENV_FILE": str(b / "rabbitmq-env.conf"),
+            "RABBITMQ_PID_FILE": str(b / "rabbit.pid"),
+            # Distribution on loopback only; no busy-waiting schedulers on a shared 2-core machine.
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS":
+                "-kernel inet_dist_use_interface {127,0,0,1} +sbwt none +sbwtdcpu none +sbwtdio none",
+        })
+        return env
+
+    def _ctl(self, *args: str, timeout: float = STOP_TIMEOUT_S) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.scripts / "rabbitmqctl"), "-n", self.nodename, *args], env=self.env(),
+                              capture_output=True, text=True, timeout=timeout, cwd=self.base)
+
+    # -- state -------------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def answers(self, timeout: float = 2.0) -> bool:
+        return answers(self.url, timeout)
+
+    def beam_pid(self) -> int | None:
+        """Pid of the node's Erlang VM (beam.smp), found among the children of the process we started."""
+        if not self.running:
+            return None
+        pid_file = self.base / "rabbit.pid"
+        try:
+            pid = int(pid_file.read_text().strip())
+            if self._is_our_beam(pid):
+                return pid
+        except (OSError, ValueError):
+            pass
+        for pid in self._descendants(self.proc.pid):
+            if self._is_our_beam(pid):
+                return pid
+        return None
+
+    def _is_our_beam(self, pid: int) -> bool:
+        """A beam.smp started with this node's environment (the node name is not on its command line:
+        RabbitMQ starts distribution itself, from RABBITMQ_NODENAME)."""
+        try:
+            exe = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return exe.endswith(b"beam.smp") and f"RABBITMQ_NODENAME={self.nodename}".encode() in environ
+
+    @staticmethod
+    def _descendants(pid: int) -> list[int]:
+        out, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            try:
+                children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+            except OSError:
+                continue
+            todo.extend(int(c) for c in children)
+        return out
+
+    def _output_tail(self, lines: int = 30) -> str:
+        parts = []
+        for path in (self.base / "server.out", self.base / "log" / f"{self.nodename}.log"):
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- {path} ---\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> "PrivateBroker":
+        """Start the node (same data and port as before, if it ran already) and wait until AMQP answers."""
+        if self.running:
+            raise BrokerError(f"{self.nodename} is already running")
+        deadline = time.monotonic() + self.start_timeout_s
+        for port in (self.port, self.dist_port):  # a restart reuses them: wait until the old node let go
+            while not _port_free(port) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        out = open(self.base / "server.out", "ab")
+        try:
+            self.proc = subprocess.Popen([str(self.scripts / "rabbitmq-server")], env=self.env(), cwd=self.base,
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        finally:
+            out.close()
+        self.starts += 1
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BrokerError(f"rabbitmq-server for {self.nodename} exited with {self.proc.returncode}"
+                                  f" while starting\n{self._output_tail()}")
+            if self.answers():
+                return self
+            time.sleep(0.5)
+        self._kill_group()
+        raise BrokerError(f"{self.nodename} did not answer AMQP on port {self.port} within"
+                          f" {self.start_timeout_s:.0f} s\n{self._output_tail()}")
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Graceful stop (`rabbitmqctl stop`): connections are closed with 320 CONNECTION_FORCED."""
+        if not self.running:
+            return
+        try:
+            result = self._ctl("stop", timeout=timeout)
+            failed = result.returncode != 0 and (result.stderr or result.stdout).strip()
+        except subprocess.TimeoutExpired:
+            failed = f"rabbitmqctl stop timed out after {timeout:.0f} s"
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._kill_group()
+            raise BrokerError(f"{self.nodename} did not stop within {timeout:.0f} s"
+                              f" ({failed or 'rabbitmqctl stop returned 0'}); killed it") from None
+
+    def kill(self) -> None:
+        """Abrupt stop: SIGKILL of the Erlang VM (nothing closed, nothing flushed by RabbitMQ)."""
+        if not self.running:
+            return
+        pid = self.beam_pid()
+        if pid is None:
+            raise BrokerError(f"no beam.smp process of {self.nodename} under pid {self.proc.pid}")
+        os.kill(pid, signal.SIGKILL)
+        try:
+            self.proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._kill_group()
+
+    def restart(self, kill: bool = False) -> None:
+        """Stop (or, with kill=True, SIGKILL) the node and start it again on the same data and port."""
+        self.kill() if kill else self.stop()
+        self.start()
+
+    def _kill_group(self) -> None:
+        """SIGKILL the process group we started (the script, the VM and its helpers) and reap it.
+
+        Only while our child is not reaped yet: its pid (the group id) cannot have been reused then."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def close(self) -> None:
+        """Stop the node whatever state it is in and remove its files."""
+        try:
+            if self.running:
+                try:
+                    self.stop(timeout=30)
+                except BrokerError:
+                    pass
+            self._kill_group()  # helpers (erl_child_setup, inet_gethost) and anything left of a failed start
+        finally:
+            if self._own_base:
+                shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> "PrivateBroker":
+        return self.start()
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
