@@ -78,6 +78,10 @@ class MessageConsumer:
                 self.channel.basic_nack(tag, requeue=False)
                 count += 1
         kind = type(error).__name__
+        if count == 0:  # a spooled transfer: its chunks were acknowledged as they were stored
+            self.stats.rejected[kind] = self.stats.rejected.get(kind, 0) + 1
+            log.warning("transfer_dropped", queue=self.queue, error=kind, reason=reason, **kw)
+            return
         self.stats.dead_lettered += count
         self.stats.rejected[kind] = self.stats.rejected.get(kind, 0) + count
         log.warning("message_dead_lettered", queue=self.queue, error=kind, reason=reason, count=count, **kw)
