@@ -147,6 +147,11 @@ class Coordinator:
         self.counters.update(state["counters"])
         self.workers = json.loads(state["workers"])
         self.record.truncate_after(self.version)
+        versions = [e["version"] for e in self.record.lines() if e.get("kind") is None]
+        if state.get("record_entry") and (not versions or versions[-1] < self.version):
+            # The line of the checkpoint's own version, lost when the coordinator died after the checkpoint
+            # and before writing it (its evaluation, if any, was lost with it).
+            self.record.append(json.loads(state["record_entry"]))
         log.info("coordinator_resumed", version=self.aggregator.version, elapsed_s=round(self.elapsed_before, 1),
                  best=self.best, buffered=self.aggregator.buffered)
         return True
@@ -200,7 +205,7 @@ class Coordinator:
                     if self._stop_requested.is_set():
                         return self.summary("signal")
                     log.warning("coordinator_connection_lost", error=repr(exc), retry_in_s=delay)
-                    time.sleep(delay)
+                    self._stop_requested.wait(delay)
                     delay = min(30.0, delay * 2)
         finally:
             if self._lock_fd is not None:
@@ -223,7 +228,7 @@ class Coordinator:
         """One broker connection's worth of work; resumes from the checkpoint first."""
         self._resume()
         self._session_start = time.monotonic()
-        conn = connect("coordinator", self.node, self.name, self.url, max_delay=10.0)
+        conn = connect("coordinator", self.node, self.name, self.url, max_delay=10.0, stop=self._stop_requested.is_set)
         try:
             ch = conn.channel()
             topology.declare(ch, self.topo)
@@ -422,7 +427,7 @@ class Coordinator:
                  "bytes_received": self.window["wire"], "raw_bytes": self.window["raw"],
                  "compression_ratio": round(self.window["raw"] / max(1, self.window["wire"]), 2),
                  "delta_norm": round(record.delta_norm, 6)}
-        checkpoint.save(self.ckpt_path, self._checkpoint_state())
+        checkpoint.save(self.ckpt_path, {**self._checkpoint_state(), "record_entry": json.dumps(entry)})
         self.consumer.ack(self.pending_acks)
         self.pending_acks = []
         self.window = {"wire": 0, "raw": 0}

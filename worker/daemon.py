@@ -126,7 +126,7 @@ class Trainer:
                 delay = min(30.0, delay * 2)
 
     def _session(self) -> None:
-        conn = connect("worker", self.w.node, self.device, self.url, max_delay=10.0)
+        conn = connect("worker", self.w.node, self.device, self.url, max_delay=10.0, stop=self.stop_event.is_set)
         self.conn = conn
         try:
             topology.declare(conn.channel(), self.topo, passive=True)
