@@ -26,9 +26,16 @@ def configure(level: str | None = None, json: bool | None = None) -> None:
     if json is None:
         env = os.environ.get("MQFED_LOG_JSON")
         json = env == "1" if env is not None else not sys.stderr.isatty()
-    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(message)s")
-    logging.getLogger("pika").setLevel(max(numeric, logging.WARNING))
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    # Records of stdlib loggers (pika, transformers) go through the same renderer: one format per process.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(processor=renderer, foreign_pre_chain=[
+        structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True), structlog.processors.format_exc_info]))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(numeric)
+    logging.getLogger("pika").setLevel(max(numeric, logging.WARNING))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
