@@ -9,7 +9,7 @@ DATA_DIR ?= .cache/mqfed/synth-ks
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: venv broker test test-all data demo benchmarks clean
+.PHONY: venv broker test test-faults test-all data demo benchmarks clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,11 @@ data: venv
 	$(VENV)/bin/mqfed-worker data synth --out $(DATA_DIR)
 
 test: broker
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not faults"
+
+# The fault suite (tests/faults, docs/faults.md): real processes, real signals, the real broker.
+test-faults: broker
+	$(PY) -m pytest -q -m faults tests/faults
 
 test-all: broker
 	$(PY) -m pytest -q
