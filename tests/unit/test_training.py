@@ -16,7 +16,7 @@ from common import synth_corpus
 from common.kws_dataset import DataError, to_arrays
 from common.labels import KS_LABELS
 from common.model import ModelSpec, build_model
-from common.training import Clips, TrainConfig, evaluate, train
+from common.training import Clips, TrainConfig, _lr_factor, evaluate, train
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -42,9 +42,10 @@ def _same(a: dict, b: dict) -> bool:
     ("batch_size", 0), ("batch_size", 4.0), ("batch_size", True),
     ("learning_rate", 0.0), ("learning_rate", -1e-3), ("learning_rate", math.nan), ("learning_rate", math.inf),
     ("learning_rate", True), ("learning_rate", "1e-3"),
-    ("warmup_steps", -1), ("schedule", "cosine"), ("weight_decay", -0.1), ("max_grad_norm", 0.0),
+    ("warmup_steps", -1), ("schedule", "cosine-ish"), ("weight_decay", -0.1), ("max_grad_norm", 0.0),
     ("max_grad_norm", -1.0), ("max_grad_norm", math.nan), ("max_grad_norm", True), ("optimizer", "adam"),
     ("time_shift_s", -0.1), ("seed", -1), ("seed", 0.5),
+    ("label_smoothing", -0.1), ("label_smoothing", 1.0), ("label_smoothing", True),
 ])
 def test_train_config_refuses_a_bad_value_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"TrainConfig\.{field}\b"):
@@ -64,6 +65,24 @@ def test_total_steps_from_steps_or_epochs():
     assert TrainConfig(epochs=2.5, batch_size=4).total_steps(10) == 7  # ceil(25 / 4)
     assert TrainConfig(epochs=1.0, batch_size=5).total_steps(10) == 2
     assert TrainConfig(epochs=0.01, batch_size=4).total_steps(10) == 1  # at least one step
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_decaying_schedules_warm_up_then_fall_to_near_zero_at_the_last_step(schedule):
+    config = TrainConfig(steps=100, warmup_steps=10, schedule=schedule)
+    factors = [_lr_factor(step, 100, config) for step in range(100)]
+    assert factors[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))  # non-increasing after the warm-up
+    assert 0 < factors[-1] <= 1 / 90 and factors[10] > 0.95
+    # a warm-up as long as the task is capped at half of it, so the decay still happens; one step still moves
+    long = [_lr_factor(step, 8, TrainConfig(steps=8, warmup_steps=50, schedule=schedule)) for step in range(8)]
+    assert long[3] == 1.0 and 0 < long[-1] <= 0.25
+    assert _lr_factor(0, 1, TrainConfig(steps=1, schedule=schedule)) > 0
+
+
+def test_constant_schedule_after_warm_up():
+    config = TrainConfig(steps=20, warmup_steps=4)
+    assert [_lr_factor(step, 20, config) for step in range(20)] == pytest.approx([0.25, 0.5, 0.75] + [1.0] * 17)
 
 
 # --- train ----------------------------------------------------------------------------------------------
