@@ -2,7 +2,7 @@
 
 `build_model(ModelSpec(name=...))` takes either
 - a preset name from `PRESETS` (random init from a `Wav2Vec2Config`, nothing downloaded): `kws-tiny`
-  (~0.1 M parameters, trains on 2 CPU cores in minutes) or `wav2vec2-base` (the base architecture,
+  (~0.2 M parameters, trains on 2 CPU cores in minutes) or `wav2vec2-base` (the base architecture,
   94.5 M parameters, for GPU throughput and codec benchmarks), or
 - anything `AutoModelForAudioClassification.from_pretrained` takes: a hub id (`facebook/wav2vec2-base`)
   or a local directory, offline with `HF_HUB_OFFLINE=1`. The twelve KS labels are set on the head.
@@ -27,11 +27,17 @@ from common.labels import ID2LABEL, KS_LABELS, LABEL2ID
 _LABELS = dict(num_labels=len(KS_LABELS), label2id=dict(LABEL2ID), id2label=dict(ID2LABEL))
 
 PRESETS: dict[str, dict] = {
-    # Seven 32-channel conv layers (the wav2vec2 feature encoder's kernels and strides: 20 ms frames),
-    # two 64-wide transformer layers. ~0.1 M parameters.
+    # A four-layer feature encoder on raw 16 kHz audio (kernels 40/8/4/4, strides 20/4/2/2: 2.5 ms windows
+    # every 1.25 ms, then 5, 10 and 20 ms frames; ~2.4x the training throughput of the wav2vec2 7-layer
+    # stack at 32 channels), one pre-LN transformer layer 128 wide, a 128-wide classifier projection.
+    # 0.23 M parameters, ~690 clips/s of training on 2 idle CPU threads (batch 32). On the synthetic corpus
+    # (unheard voices, tests/benchmarks/centralized.py defaults: AdamW 3e-3, cosine over 4000 steps, label
+    # smoothing 0.1): 91% test accuracy after 1500 steps (76 s), 95% after 4000 (203 s).
     "kws-tiny": dict(
-        conv_dim=(32,) * 7, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, classifier_proj_size=32,
+        conv_dim=(32, 64, 64, 64), conv_kernel=(40, 8, 4, 4), conv_stride=(20, 4, 2, 2),
+        hidden_size=128, num_hidden_layers=1, num_attention_heads=4, intermediate_size=256,
+        do_stable_layer_norm=True, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=16,
+        classifier_proj_size=128,
         hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
         final_dropout=0.0, layerdrop=0.0, apply_spec_augment=False,
     ),

@@ -390,7 +390,8 @@ PAYLOAD_CASES = {
     "shape-torch-cannot-hold": (lambda fed: fed.update("p", _impossible_shape(fed)), "out of range"),
     "zlib-bomb": (lambda fed: fed.update("p", _zlib_bomb(), codec="zlib"), "more than the declared 0 bytes"),
     "more-elements-than-the-model": (lambda fed: fed.update("p", _delta_with(fed, lambda d: d.update(
-        {_first(fed): torch.zeros(65)}))), "declares more than max_elements=105020"),
+        {_first(fed): torch.zeros(fed.params[_first(fed)].numel() + 1)}))),
+        "declares more than max_elements=226396"),  # one element more than the kws-tiny model has
 }
 
 
