@@ -121,6 +121,7 @@ class LocalSection:
     max_grad_norm: float | None = 1.0
     optimizer: str = "adamw"
     time_shift_s: float = 0.1
+    label_smoothing: float = 0.1
 
     def __post_init__(self) -> None:
         self.train_config()

@@ -24,6 +24,7 @@ checkpoint, so the deliveries the old channel held are redelivered and applied o
 from __future__ import annotations
 
 import fcntl
+import dataclasses
 import json
 import math
 import os
@@ -331,9 +332,8 @@ class Coordinator:
                 local_steps=local.steps, batch_size=local.batch_size, learning_rate=local.learning_rate,
                 deadline_unix=planned.deadline_unix, codec=self.cfg.tasks.codec, local_epochs=0,
                 options={"model": self.cfg.model.name, "freeze_feature_encoder": self.cfg.model.freeze_feature_encoder,
-                         "epochs": local.epochs, "warmup_steps": local.warmup_steps, "schedule": local.schedule,
-                         "weight_decay": local.weight_decay, "max_grad_norm": local.max_grad_norm,
-                         "optimizer": local.optimizer, "time_shift_s": local.time_shift_s})
+                         **{k: v for k, v in dataclasses.asdict(local).items()
+                            if k not in ("steps", "batch_size", "learning_rate")}})
             publish_message(self.pub, self.topo.work_exchange, self.topo.TASKS_KEY, task, message_id=planned.task_id,
                             expiration=str(int(self.cfg.tasks.deadline_s * 1000)))
 

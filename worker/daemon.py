@@ -23,12 +23,14 @@ through the queue).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing as mp
 import os
 import signal
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pika
@@ -51,6 +53,7 @@ from common.training import Clips, TrainConfig, evaluate, train
 from worker.config import WorkerConfig
 
 log = get_logger(__name__)
+TASK_TRAIN_OPTIONS = {f.name for f in dataclasses.fields(TrainConfig)} - {"steps", "batch_size", "learning_rate", "seed"}
 
 
 class TaskAborted(Exception):
@@ -294,12 +297,13 @@ class Trainer:
         model.load_state_dict(base)
         log.info("task_started", task_id=task.task_id, worker=self.worker_id, base_version=version,
                  min_version=task.min_version)
-        config = TrainConfig(steps=task.local_steps, epochs=float(opts.get("epochs", 0.0)) if not task.local_steps else 0.0,
-                             batch_size=task.batch_size, learning_rate=task.learning_rate,
-                             warmup_steps=int(opts.get("warmup_steps", 0)), schedule=str(opts.get("schedule", "constant")),
-                             weight_decay=float(opts.get("weight_decay", 0.0)), max_grad_norm=opts.get("max_grad_norm", 1.0),
-                             optimizer=str(opts.get("optimizer", "adamw")), time_shift_s=float(opts.get("time_shift_s", 0.1)),
-                             seed=hash((self.worker_id, task.task_id)) & 0x7FFFFFFF)
+        # The task's local work: its own fields plus any TrainConfig field in its options (TrainConfig
+        # validates them: a bad value raises ValueError and the task is dead-lettered).
+        extra = {k: opts[k] for k in TASK_TRAIN_OPTIONS if k in opts}
+        if task.local_steps:
+            extra["epochs"] = 0.0
+        config = TrainConfig(steps=task.local_steps, batch_size=task.batch_size, learning_rate=task.learning_rate,
+                             seed=zlib.crc32(f"{self.worker_id}/{task.task_id}".encode()) & 0x7FFFFFFF, **extra)
 
         def check_abort():
             if self.stop_event.is_set() or self.abort.is_set():
