@@ -49,7 +49,8 @@ def main(args: argparse.Namespace) -> int:
     synth_corpus.build(args.data)
     name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     settings = {**DEMO_SETTINGS, "experiment.name": name, "experiment.run_dir": str(Path(args.run_dir) / name),
-                "data.path": args.data, "stop.max_wall_s": args.minutes * 60}
+                # the coordinator's clock starts after its start-up and stops before testing the export
+                "data.path": args.data, "stop.max_wall_s": max(30.0, args.minutes * 60 - 20)}
     cfg = load_experiment(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()] + list(args.set))
     fed = LocalFederation(cfg, args.data, [{"shard": f"speaker:{i + 1}/{args.workers}", "node": f"demo-w{i + 1}"}
                                            for i in range(args.workers)])
@@ -57,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"management UI: http://localhost:15672 (queues mqfed.{name}.*)")
     started = time.monotonic()
     fed.start()
-    bar = tqdm(total=int(args.minutes * 60), desc="demo", unit="s",
+    bar = tqdm(total=int(args.minutes * 60), desc="demo", unit="s", mininterval=1 if sys.stderr.isatty() else 30,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}")
     try:
         while fed.coordinator.poll() is None:
@@ -98,12 +99,15 @@ def _print_table(summary: dict, versions: list[dict], wall: float) -> None:
         for w in e["workers"]:
             per_worker[w] = per_worker.get(w, 0) + 1
     stale = [s for e in versions for s in e["staleness"]]
+    reached = [e for e in versions if (e.get("accuracy") or 0) >= 0.9]
     counters = summary["counters"]
     rows = [
         ("stopped because", summary["reason"]),
         ("model versions", summary["versions"]),
         ("wall time", f"{wall:.0f} s"),
         ("best validation accuracy", f"{summary['best_accuracy']:.4f} (version {summary['best_version']})"),
+        ("first >= 90% validation accuracy", f"{reached[0]['time_s']:.0f} s (version {reached[0]['version']})"
+                                              if reached else "not reached"),
         ("test accuracy (exported model)", f"{summary.get('test_accuracy', float('nan')):.4f}"),
         ("updates applied", counters.get("applied_updates")),
         ("updates per worker", ", ".join(f"{w}: {n}" for w, n in sorted(per_worker.items()))),
