@@ -13,10 +13,15 @@ entries), wire bytes and raw/wire ratio; then the time of one ``ErrorFeedback.co
 codec. Times are the best of --repeat runs on this machine's CPU (--threads 1 gives steadier figures on a
 shared machine: torch's OpenMP threads degrade badly when another process holds the cores).
 
-Prints a table, then one JSON line for the default codec:
-``{"codec": ..., "ratio": ..., "encode_s": ..., "decode_s": ...}``. main() runs its sections in order and
-merges what each returns into that line, so further sections (e.g. final accuracy per codec on the demo
-federation, adding ``accuracy_drop_pts``) append to ``SECTIONS``.
+Second section: on the demo task (coordinator and 2 worker processes over the real broker, speaker shards,
+kws-tiny; coordinator/local_federation.py), one federation per codec for --versions versions (same work,
+same seeds), uncompressed first; the test accuracy of each exported best model and its drop in points
+against uncompressed (--accuracy-codecs, default the default codec; '' skips the section).
+
+Prints the tables, then one JSON line for the default codec:
+``{"codec": ..., "ratio": ..., "encode_s": ..., "decode_s": ..., "accuracy_drop_pts": ...}`` (ratio: on
+wav2vec2-base's shapes; demo_ratio: what the demo's small model achieved). main() runs ``SECTIONS`` in
+order and merges what each returns into that line.
 """
 from __future__ import annotations
 
@@ -106,7 +111,7 @@ def section_codecs(args: argparse.Namespace) -> dict:
                          "decode_s": round(dec_s, 3), "wire_bytes": enc.wire_bytes}
         print(f"{spec:<28}{enc.wire_bytes / MB:>10.2f}{enc.ratio:>9.1f}{enc_s:>10.3f}{dec_s:>10.3f}{add_s:>8.3f}",
               flush=True)
-        del enc, dec
+        enc = dec = None  # free both before the next codec
     ef = ErrorFeedback("bench")
     ef.compress(delta, DEFAULT_CODEC)  # first call copies the delta into the residual
     ef_s, _ = _best(lambda: ef.compress(delta, DEFAULT_CODEC), args.repeat)
@@ -117,8 +122,64 @@ def section_codecs(args: argparse.Namespace) -> dict:
     return {k: chosen[k] for k in ("codec", "ratio", "encode_s", "decode_s")}
 
 
+def _federated_accuracy(codec: str, args: argparse.Namespace) -> dict:
+    """One demo federation (2 worker processes, speaker shards, the CPU preset) with `codec`, for a fixed
+    number of versions; returns the exported best model's test accuracy and the wire/raw bytes it moved."""
+    import uuid
+
+    from broker import topology
+    from common.amqp import connect
+    from common.config import load_config
+    from coordinator.demo import DEMO_SETTINGS
+    from coordinator.experiment import ExperimentConfig
+    from coordinator.local_federation import LocalFederation
+
+    name = f"bench-codec-{uuid.uuid4().hex[:6]}"
+    settings = {**DEMO_SETTINGS, "experiment.name": name, "experiment.run_dir": f"runs/bench/{name}",
+                "data.path": args.data, "tasks.codec": codec, "stop.target_accuracy": 0.0,
+                "stop.max_versions": args.versions, "stop.max_wall_s": 0.0}
+    cfg = load_config(ExperimentConfig, env={}, overrides=settings)
+    fed = LocalFederation(cfg, args.data, [{"shard": "speaker:1/2"}, {"shard": "speaker:2/2"}]).start()
+    try:
+        fed.wait_coordinator(timeout=3600)
+    finally:
+        fed.stop()
+        conn = connect("bench", device="teardown", attempts=3)
+        topology.delete(conn.channel(), topology.Topology(name))
+        conn.close()
+    summary, versions = fed.summary() or {}, fed.versions()
+    wire, raw = sum(e["bytes_received"] for e in versions), sum(e["raw_bytes"] for e in versions)
+    return {"test_accuracy": summary.get("test_accuracy"), "best_val": summary.get("best_accuracy"),
+            "time_s": versions[-1]["time_s"] if versions else None, "ratio": raw / max(1, wire), "run_dir": str(fed.run_dir)}
+
+
+def section_accuracy(args: argparse.Namespace) -> dict:
+    """Final accuracy per codec on the demo task (same versions, same seeds), against uncompressed."""
+    if not args.accuracy_codecs:
+        return {}
+    from broker import ensure
+    from common import synth_corpus
+
+    if not ensure.ensure():
+        raise SystemExit("no broker for the accuracy section (see `mqfed-broker ensure`)")
+    synth_corpus.build(args.data)
+    codecs = ["none"] + [c for c in args.accuracy_codecs if c != "none"]
+    print(f"\ndemo task: 2 workers (speaker shards), kws-tiny, {args.versions} versions each, test accuracy of the"
+          " exported best model")
+    print(f"{'codec':<28}{'test acc':>10}{'drop pts':>10}{'ratio':>9}{'time s':>9}")
+    rows = {}
+    for codec in codecs:
+        r = rows[codec] = _federated_accuracy(codec, args)
+        drop = 100 * (rows["none"]["test_accuracy"] - r["test_accuracy"])
+        r["drop_pts"] = round(drop, 2)
+        print(f"{codec:<28}{r['test_accuracy']:>10.4f}{drop:>10.2f}{r['ratio']:>9.1f}{r['time_s']:>9.0f}", flush=True)
+    chosen = rows.get(DEFAULT_CODEC, rows[codecs[-1]])
+    return {"accuracy_drop_pts": chosen["drop_pts"], "demo_ratio": round(chosen["ratio"], 1),
+            "accuracy_uncompressed": rows["none"]["test_accuracy"], "accuracy_codec": chosen["test_accuracy"]}
+
+
 #: Benchmark sections, run in order; each returns fields merged into the final JSON line.
-SECTIONS: list[Callable[[argparse.Namespace], dict]] = [section_codecs]
+SECTIONS: list[Callable[[argparse.Namespace], dict]] = [section_codecs, section_accuracy]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -127,6 +188,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="comma-separated codec specs (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--accuracy-codecs", type=lambda s: [c for c in s.split(",") if c], default=[DEFAULT_CODEC],
+                        help="codecs whose final accuracy on the demo task is compared with none ('' skips)")
+    parser.add_argument("--versions", type=int, default=80, help="model versions per accuracy run")
+    parser.add_argument("--data", default=".cache/mqfed/synth-ks")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
