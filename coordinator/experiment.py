@@ -108,29 +108,6 @@ class FedBuffSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class LocalSection:
-    """The local training each task asks for (see common.training.TrainConfig)."""
-
-    steps: int = 40
-    epochs: float = 0.0
-    batch_size: int = 32
-    learning_rate: float = 2e-3
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    optimizer: str = "adamw"
-    time_shift_s: float = 0.1
-    label_smoothing: float = 0.1
-
-    def __post_init__(self) -> None:
-        self.train_config()
-
-    def train_config(self, seed: int = 0) -> TrainConfig:
-        return TrainConfig(seed=seed, **dataclasses.asdict(self))
-
-
-@dataclasses.dataclass(frozen=True)
 class TasksSection:
     """deadline_s: a train task not answered by then is re-issued. eval_every: central evaluation every
     that many versions (0: only at the end). federated_eval_every: evaluate tasks on the workers' local
@@ -177,6 +154,8 @@ class ExperimentConfig:
     data: DataSection = DataSection()
     fedbuff: FedBuffSection = FedBuffSection()
     server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
-    local: LocalSection = LocalSection()
+    # The local work each train task asks for: common.training.TrainConfig's fields (the worker seeds
+    # each task from this seed, its own id and the task id).
+    local: TrainConfig = TrainConfig(steps=40)
     tasks: TasksSection = TasksSection()
     stop: StopSection = StopSection()

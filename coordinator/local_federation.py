@@ -94,6 +94,19 @@ class LocalFederation:
         found = [e for e in self.record() if e.get("kind") == "summary"]
         return found[-1] if found else None
 
+    def events(self, log_name: str, event: str) -> list[dict]:
+        """The JSON log lines with `event` in the run directory's log file `log_name` (e.g. coordinator.log)."""
+        path = self.run_dir / log_name
+        out = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a line from a library that does not log JSON
+                continue
+            if entry.get("event") == event:
+                out.append(entry)
+        return out
+
     def wait_for(self, condition, timeout: float, what: str) -> None:
         """Poll `condition()` until true; raise AssertionError on timeout or when a process dies badly."""
         deadline = time.monotonic() + timeout

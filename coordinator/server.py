@@ -333,7 +333,7 @@ class Coordinator:
                 deadline_unix=planned.deadline_unix, codec=self.cfg.tasks.codec, local_epochs=0,
                 options={"model": self.cfg.model.name, "freeze_feature_encoder": self.cfg.model.freeze_feature_encoder,
                          **{k: v for k, v in dataclasses.asdict(local).items()
-                            if k not in ("steps", "batch_size", "learning_rate")}})
+                            if k not in ("steps", "batch_size", "learning_rate")}})  # seed too: mixed per task
             publish_message(self.pub, self.topo.work_exchange, self.topo.TASKS_KEY, task, message_id=planned.task_id,
                             expiration=str(int(self.cfg.tasks.deadline_s * 1000)))
 

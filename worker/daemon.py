@@ -53,7 +53,7 @@ from common.training import Clips, TrainConfig, evaluate, train
 from worker.config import WorkerConfig
 
 log = get_logger(__name__)
-TASK_TRAIN_OPTIONS = {f.name for f in dataclasses.fields(TrainConfig)} - {"steps", "batch_size", "learning_rate", "seed"}
+TASK_TRAIN_OPTIONS = {f.name for f in dataclasses.fields(TrainConfig)} - {"steps", "batch_size", "learning_rate"}
 
 
 class TaskAborted(Exception):
@@ -302,8 +302,10 @@ class Trainer:
         extra = {k: opts[k] for k in TASK_TRAIN_OPTIONS if k in opts}
         if task.local_steps:
             extra["epochs"] = 0.0
+        # Every task its own seed (batch order, augmentation), repeatable from the experiment's seed.
+        extra["seed"] = zlib.crc32(f"{opts.get('seed', 0)}/{self.worker_id}/{task.task_id}".encode()) & 0x7FFFFFFF
         config = TrainConfig(steps=task.local_steps, batch_size=task.batch_size, learning_rate=task.learning_rate,
-                             seed=zlib.crc32(f"{self.worker_id}/{task.task_id}".encode()) & 0x7FFFFFFF, **extra)
+                             **extra)
 
         def check_abort():
             if self.stop_event.is_set() or self.abort.is_set():

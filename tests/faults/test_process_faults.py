@@ -8,7 +8,6 @@ each); the checkpoint stays consistent (it loads, at the final version, and no t
 """
 from __future__ import annotations
 
-import json
 import signal
 import time
 
@@ -33,19 +32,6 @@ def _federation(experiment, tmp_path, corpus, workers: list[dict], **settings) -
         "experiment.name": experiment.experiment, "experiment.run_dir": str(tmp_path / "run"),
         "data.path": str(corpus), **FAST, **settings})
     return LocalFederation(cfg, corpus, workers)
-
-
-def _events(fed: LocalFederation, log_name: str, event: str) -> list[dict]:
-    path = fed.run_dir / log_name
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if entry.get("event") == event:
-            out.append(entry)
-    return out
 
 
 def _applied(fed: LocalFederation) -> list[tuple[str, str]]:
@@ -74,7 +60,7 @@ def _run_to_end(fed: LocalFederation, timeout: float = 240) -> None:
 
 def _held_task(fed: LocalFederation, node: str) -> str:
     """The task a killed worker was working on: the last one it started."""
-    started = _events(fed, f"worker-{node}.log", "task_started")
+    started = fed.events(f"worker-{node}.log", "task_started")
     assert started, f"{node} never started a task"
     return started[-1]["task_id"]
 
@@ -102,7 +88,7 @@ def test_worker_killed_mid_upload_loses_no_task_and_the_partial_upload_is_droppe
     _run_to_end(fed)
     _assert_consistent(fed, 8)
     assert held in {t for t, _ in _applied(fed)}, "the task the killed worker held was lost"
-    dropped = _events(fed, "coordinator.log", "transfer_dropped")
+    dropped = fed.events("coordinator.log", "transfer_dropped")
     assert any(e["error"] == "IncompleteTransfer" for e in dropped), "the incomplete upload was not dropped"
 
 
@@ -132,7 +118,7 @@ def test_coordinator_killed_mid_aggregation_resumes_and_applies_nothing_twice(ex
     fed.start_coordinator()
     _run_to_end(fed)
     _assert_consistent(fed, 8)
-    assert _events(fed, "coordinator.log", "coordinator_resumed")[0]["version"] == 2
+    assert fed.events("coordinator.log", "coordinator_resumed")[0]["version"] == 2
 
 
 def test_coordinator_killed_mid_checkpoint_write_resumes_from_the_previous_checkpoint(experiment, small_corpus_dir,
@@ -147,7 +133,7 @@ def test_coordinator_killed_mid_checkpoint_write_resumes_from_the_previous_check
     fed.start_coordinator()
     _run_to_end(fed)
     _assert_consistent(fed, 8)
-    assert _events(fed, "coordinator.log", "coordinator_resumed")[0]["version"] == 2
+    assert fed.events("coordinator.log", "coordinator_resumed")[0]["version"] == 2
 
 
 def test_a_standby_coordinator_takes_over_when_the_active_one_dies(experiment, small_corpus_dir, tmp_path):
@@ -156,13 +142,13 @@ def test_a_standby_coordinator_takes_over_when_the_active_one_dies(experiment, s
     fed.wait_for(lambda: len(fed.versions()) >= 3, 180, "3 versions")
     active = fed.coordinator
     standby = fed.start_coordinator(log_name="coordinator-standby.log")
-    fed.wait_for(lambda: _events(fed, "coordinator-standby.log", "coordinator_standby"), 60, "the replica to stand by")
+    fed.wait_for(lambda: fed.events("coordinator-standby.log", "coordinator_standby"), 60, "the replica to stand by")
     assert standby.poll() is None
     LocalFederation.signal([active], signal.SIGKILL)
     _run_to_end(fed)
     assert standby.returncode == 0
     _assert_consistent(fed, 10)
-    assert _events(fed, "coordinator-standby.log", "coordinator_resumed")[0]["version"] >= 3
+    assert fed.events("coordinator-standby.log", "coordinator_resumed")[0]["version"] >= 3
 
 
 def test_a_worker_away_for_many_versions_has_its_stale_update_dropped_and_catches_up(experiment, small_corpus_dir,
@@ -171,7 +157,7 @@ def test_a_worker_away_for_many_versions_has_its_stale_update_dropped_and_catche
         {"shard": "iid:1/2", "env": {"MQFED_WORKER_DELAY_S": "3"}}, {"shard": "iid:2/2"}],
         **{"fedbuff.max_staleness": 2, "fedbuff.buffer_size": 1, "stop.max_versions": 24}).start()
     w1 = fed.workers["w1"]
-    fed.wait_for(lambda: _events(fed, "worker-w1.log", "task_started"), 120, "w1 to start a task")
+    fed.wait_for(lambda: fed.events("worker-w1.log", "task_started"), 120, "w1 to start a task")
     w1.send_signal(signal.SIGSTOP)  # away: holds its task, says nothing
     try:
         fed.wait_for(lambda: len(fed.versions()) >= 6, 180, "6 versions without w1")
@@ -180,7 +166,7 @@ def test_a_worker_away_for_many_versions_has_its_stale_update_dropped_and_catche
     _run_to_end(fed)
     summary = _assert_consistent(fed, 24)
     assert summary["counters"]["stale_dropped"] >= 1, summary["counters"]
-    published = _events(fed, "worker-w1.log", "update_published")
+    published = fed.events("worker-w1.log", "update_published")
     stale, later = published[0], published[-1]
     assert later["base_version"] > stale["base_version"] + 2, "w1 did not catch up after coming back"
 
@@ -192,7 +178,7 @@ def test_tasks_nobody_takes_expire_and_are_reissued_then_the_run_completes(exper
     conn = connect("test", device="faults", attempts=3)
     depths = []
     try:
-        fed.wait_for(lambda: _events(fed, "coordinator.log", "tasks_expired"), 60, "tasks to expire")
+        fed.wait_for(lambda: fed.events("coordinator.log", "tasks_expired"), 60, "tasks to expire")
         for _ in range(12):  # no worker yet: expired tasks are replaced, never piled up
             ch = conn.channel()
             depths.append(ch.queue_declare(experiment.tasks, passive=True).method.message_count)

@@ -1,7 +1,6 @@
 """Helpers for tests that run a real federation (coordinator/local_federation.py does the processes)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from coordinator.local_federation import LocalFederation
@@ -26,15 +25,3 @@ def federation(name: str, tmp_path: Path, data: Path, shards: list[str], **setti
 def applied_keys(fed: LocalFederation) -> list[tuple[str, str]]:
     """(task id, worker id) of every update the record says was applied."""
     return [(t, w) for e in fed.versions() for t, w in zip(e["tasks"], e["workers"])]
-
-
-def log_events(path: Path, event: str) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if entry.get("event") == event:
-            out.append(entry)
-    return out

@@ -102,7 +102,7 @@ def test_coordinator_killed_mid_run_resumes_from_its_checkpoint_and_applies_noth
         fed.wait_coordinator(timeout=300)
     finally:
         fed.stop()
-    resumed = federation.log_events(fed.run_dir / "coordinator.log", "coordinator_resumed")
+    resumed = fed.events("coordinator.log", "coordinator_resumed")
     assert resumed and resumed[0]["version"] >= 3
     versions = [e["version"] for e in fed.versions()]
     assert versions == list(range(1, 11)), versions
