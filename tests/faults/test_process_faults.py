@@ -141,10 +141,18 @@ def test_a_standby_coordinator_takes_over_when_the_active_one_dies(experiment, s
                       **{"stop.max_versions": 10}).start()
     fed.wait_for(lambda: len(fed.versions()) >= 3, 180, "3 versions")
     active = fed.coordinator
-    standby = fed.start_coordinator(log_name="coordinator-standby.log")
-    fed.wait_for(lambda: fed.events("coordinator-standby.log", "coordinator_standby"), 60, "the replica to stand by")
-    assert standby.poll() is None
-    LocalFederation.signal([active], signal.SIGKILL)
+    workers = list(fed.workers.values())
+    for w in workers:
+        w.send_signal(signal.SIGSTOP)  # the run must not end before the replica stands by
+    try:
+        standby = fed.start_coordinator(log_name="coordinator-standby.log")
+        fed.wait_for(lambda: fed.events("coordinator-standby.log", "coordinator_standby"), 120,
+                     "the replica to stand by")
+        assert standby.poll() is None
+        LocalFederation.signal([active], signal.SIGKILL)
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGCONT)
     _run_to_end(fed)
     assert standby.returncode == 0
     _assert_consistent(fed, 10)
@@ -203,7 +211,8 @@ def test_tasks_nobody_takes_expire_and_are_reissued_then_the_run_completes(exper
 def test_a_slow_consumer_holding_tasks_past_their_deadline_does_not_stall_the_run(experiment, small_corpus_dir,
                                                                                 tmp_path):
     fed = _federation(experiment, tmp_path, small_corpus_dir, [
-        {"shard": "iid:1/2", "env": {"MQFED_WORKER_DELAY_S": "12"}}, {"shard": "iid:2/2"}],
+        {"shard": "iid:1/2", "env": {"MQFED_WORKER_DELAY_S": "12"}},
+        {"shard": "iid:2/2", "env": {"MQFED_WORKER_DELAY_S": "1.5"}}],  # 10 versions take longer than 6 s
         **{"tasks.deadline_s": 6.0, "fedbuff.buffer_size": 1, "stop.max_versions": 10}).start()
     _run_to_end(fed)
     summary = _assert_consistent(fed, 10)
