@@ -92,6 +92,23 @@ def parameters(role: str, node: str | None = None, device: str | None = None, ur
     return params
 
 
+#: Bytes per socket read. pika reads 4 KiB per recv() call and appends each read to its frame buffer: a
+#: 256 MB model then costs 65 000 recv calls and callbacks, and that, not the broker, bounded a reader's
+#: speed (docs/messaging.md, "Measured"). 1 MiB reads cut a reader's fetch time about in half.
+RECV_BYTES = 1024 * 1024
+
+
+def _with_large_reads(conn: pika.BlockingConnection) -> pika.BlockingConnection:
+    """Let `conn`'s transport read RECV_BYTES per recv() (pika's private `_MAX_RECV_BYTES`, set on this
+    connection's transport only; pika's per-event limit `_MAX_CONSUME_BYTES` grows with it so that one
+    event still reads a few calls' worth). Left as pika has it where pika's internals differ."""
+    transport = getattr(getattr(conn, "_impl", None), "_transport", None)  # noqa: SLF001 - see RECV_BYTES
+    if transport is not None and hasattr(transport, "_MAX_RECV_BYTES"):
+        transport._MAX_RECV_BYTES = RECV_BYTES
+        transport._MAX_CONSUME_BYTES = 4 * RECV_BYTES
+    return conn
+
+
 def connect(role: str, node: str | None = None, device: str | None = None, url: str | None = None,
             attempts: int = 0, initial_delay: float = 0.5, max_delay: float = 30.0,
             stop: Callable[[], bool] | None = None, **kwargs) -> pika.BlockingConnection:
@@ -106,7 +123,7 @@ def connect(role: str, node: str | None = None, device: str | None = None, url: 
     while True:
         attempt += 1
         try:
-            return pika.BlockingConnection(params)
+            return _with_large_reads(pika.BlockingConnection(params))
         except RETRYABLE as exc:
             if (attempts and attempt >= attempts) or (stop is not None and stop()):
                 raise

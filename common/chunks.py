@@ -2,17 +2,20 @@
 
 Sender (`publish_chunked`): splits the payload into `chunk_size` pieces and publishes each, under publisher
 confirms, with headers naming the transfer, the chunk index and count, the total size, the chunk size, the
-sha256 of the whole payload and a crc32 of the chunk.
+sha256 of the whole payload and a crc32 of the chunk. By default the sha256 is computed in a pass before the
+first chunk and every chunk carries it; with `digest_in_last_chunk=True` the payload is hashed while it is
+sent (one pass) and only the last chunk carries the sha256 (the others carry an empty string).
 
 Receiver (`Reassembler`, pure: no broker): `add(headers, body, token)` stores a chunk at its offset, so
 reordered chunks are fine and duplicates are recognised and dropped. Memory stays bounded: a transfer larger
 than `spill_threshold` is written to a spool file (one chunk in memory at a time); the sha256 is computed
-incrementally over the contiguous prefix. Acknowledgement tokens (e.g. AMQP delivery tags) are handed back
-in `AddResult.ack` only once the chunk is durably handled: written (and fsynced) to the spool file, or, for
-an in-memory transfer, once the whole transfer is complete and verified. Errors name the transfer and
-carry the tokens the caller should now reject. A chunk that arrives after its transfer was dropped
-(corrupt, or incomplete past the timeout) is refused too, so every chunk of a failed transfer ends where
-rejected deliveries go (the dead-letter queue), not only those held when it failed.
+incrementally over the contiguous prefix and compared, when the last missing chunk arrives, with the sha256
+the chunks carry (whichever form the sender used). Acknowledgement tokens (e.g. AMQP delivery tags) are
+handed back in `AddResult.ack` only once the chunk is durably handled: written (and fsynced) to the spool
+file, or, for an in-memory transfer, once the whole transfer is complete and verified. Errors name the
+transfer and carry the tokens the caller should now reject. A chunk that arrives after its transfer was
+dropped (corrupt, or incomplete past the timeout) is refused too, so every chunk of a failed transfer ends
+where rejected deliveries go (the dead-letter queue), not only those held when it failed.
 """
 from __future__ import annotations
 
@@ -102,6 +105,25 @@ def chunk_headers(info: TransferInfo, index: int, chunk: bytes | memoryview) -> 
     }
 
 
+def _sized_chunks(source: bytes | str | os.PathLike, chunk_size: int) -> Iterator[tuple[int, bytes | memoryview]]:
+    """(total size, chunk) pairs for a one-pass send: the size is known before the first chunk (a file's
+    size when it is opened; a file that shrinks meanwhile raises, bytes appended meanwhile are not sent)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        size = memoryview(source).nbytes
+        for chunk in iter_chunks(source, chunk_size):
+            yield size, chunk
+        return
+    with open(source, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        count = max(1, -(-size // chunk_size))
+        for index in range(count):
+            want = min(chunk_size, size - index * chunk_size) if size else 0
+            block = f.read(want)
+            if len(block) != want:
+                raise ValueError(f"{os.fspath(source)} shrank while it was published ({size} bytes when opened)")
+            yield size, block
+
+
 def publish_chunked(
     publish: Callable[[bytes | memoryview, dict[str, Any]], None],
     source: bytes | str | os.PathLike,
@@ -109,18 +131,35 @@ def publish_chunked(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     transfer_id: str | None = None,
     headers: dict[str, Any] | None = None,
+    digest_in_last_chunk: bool = False,
 ) -> TransferInfo:
     """Send `source` (bytes or a file path) as chunks through `publish(body, headers)`.
 
     `publish` must return only once the broker confirmed the message (e.g. pika BlockingChannel with
-    `confirm_delivery()`; it raises on nack/unroutable). `headers` are added to every chunk's headers.
+    `confirm_delivery()`; it raises on nack/unroutable), or the caller must wait for every outstanding
+    confirm before it relies on the transfer (e.g. before announcing it; `ModelStore` does so).
+    `headers` are added to every chunk's headers.
+
+    digest_in_last_chunk: hash while sending (one pass over the payload instead of two, and no hashing
+    before the first chunk leaves) and put the sha256 only in the last chunk's `mqfed-sha256` header; the
+    other chunks carry "" there. Receivers of this module accept both forms; readers older than the form
+    refuse such chunks (they expect the sha256 on every chunk).
     """
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
-    size, digest = _sha256_of(source)
-    info = TransferInfo(transfer_id or uuid.uuid4().hex, max(1, -(-size // chunk_size)), size, digest, chunk_size)
-    for index, chunk in enumerate(iter_chunks(source, chunk_size)):
-        publish(chunk, {**(headers or {}), **chunk_headers(info, index, chunk)})
+    tid, extra = transfer_id or uuid.uuid4().hex, headers or {}
+    if not digest_in_last_chunk:
+        size, digest = _sha256_of(source)
+        info = TransferInfo(tid, max(1, -(-size // chunk_size)), size, digest, chunk_size)
+        for index, chunk in enumerate(iter_chunks(source, chunk_size)):
+            publish(chunk, {**extra, **chunk_headers(info, index, chunk)})
+        return info
+    hasher, info = hashlib.sha256(), None
+    for index, (size, chunk) in enumerate(_sized_chunks(source, chunk_size)):
+        count = max(1, -(-size // chunk_size))
+        hasher.update(chunk)
+        info = TransferInfo(tid, count, size, hasher.hexdigest() if index == count - 1 else "", chunk_size)
+        publish(chunk, {**extra, **chunk_headers(info, index, chunk)})
     return info
 
 
@@ -187,7 +226,8 @@ class _Assembly:
     def __init__(self, tid: str, headers: dict, spill: bool, spool_dir: str | None, now: float):
         self.tid = tid
         self.count, self.size = headers[H_COUNT], headers[H_SIZE]
-        self.chunk_size, self.sha256 = headers[H_CHUNK_SIZE], headers[H_SHA256]
+        self.chunk_size, self.sha256 = headers[H_CHUNK_SIZE], ""  # set by `note` (maybe only at the last chunk)
+        self.digest_upfront: bool | None = None  # does every chunk carry the sha256? (known at a non-last chunk)
         self.first_headers = {k: v for k, v in headers.items() if not k.startswith("mqfed-")}
         self.received: dict[int, int] = {}  # index -> crc32
         self.held_tokens: list = []
@@ -203,6 +243,21 @@ class _Assembly:
             self.file = os.fdopen(fd, "r+b")
         else:
             self.buffer = bytearray(self.size)
+
+    def agree(self, headers: dict, index: int) -> bool:
+        """Do this chunk's transfer-wide headers agree with the chunks accepted so far?"""
+        if (headers[H_COUNT], headers[H_SIZE], headers[H_CHUNK_SIZE]) != (self.count, self.size, self.chunk_size):
+            return False
+        digest = headers[H_SHA256]
+        if index != self.count - 1 and self.digest_upfront is not None and self.digest_upfront != bool(digest):
+            return False  # the sha256 is on every chunk, or on the last one only: not a mix
+        return not (digest and self.sha256 and digest != self.sha256)
+
+    def note(self, headers: dict, index: int) -> None:
+        """Record the digest form and the sha256 of an accepted chunk."""
+        if index != self.count - 1 and self.digest_upfront is None:
+            self.digest_upfront = bool(headers[H_SHA256])
+        self.sha256 = self.sha256 or headers[H_SHA256]
 
     def chunk_len(self, index: int) -> int:
         return min(self.chunk_size, self.size - index * self.chunk_size) if self.size else 0
@@ -250,16 +305,22 @@ class Reassembler:
     timeout_s: a transfer with no new chunk for this long is reported by `expire()`.
     fsync: fsync the spool file before handing back a chunk's token.
     max_size: a transfer declaring more bytes than this is refused (InvalidChunk) at its first chunk.
+    verify_crc: check each chunk's crc32 on arrival (default). False leaves corruption to the sha256 of the
+    whole payload, checked when the last chunk arrives: still detected and reported (CorruptTransfer), but
+    without naming the chunk, and chunks of a corrupt transfer may be acknowledged before it is found out
+    (spooled ones). For readers that gain nothing from an early, per-chunk verdict (a model read from a
+    stream, where nothing is redelivered); the crc32 header is still required and type-checked.
 
-    Nothing is allocated for a transfer until a chunk of it passed every check (headers, length, crc32),
-    and then only memory for the declared size (at most `spill_threshold`) or an empty spool file.
+    Nothing is allocated for a transfer until a chunk of it passed every check (headers, length, and crc32
+    when verified), and then only memory for the declared size (at most `spill_threshold`) or an empty
+    spool file.
     """
 
     def __init__(self, spill_threshold: int = 64 * 1024 * 1024, spool_dir: str | None = None,
                  timeout_s: float = 120.0, fsync: bool = True, clock: Callable[[], float] = time.monotonic,
-                 max_size: int = 16 * 1024**3):
+                 max_size: int = 16 * 1024**3, verify_crc: bool = True):
         self.spill_threshold, self.spool_dir, self.timeout_s = spill_threshold, spool_dir, timeout_s
-        self.max_size = max_size
+        self.max_size, self.verify_crc = max_size, verify_crc
         self.fsync, self.clock = fsync, clock
         self._open: dict[str, _Assembly] = {}
         # transfers that ended: None when completed, else why they were dropped (later chunks are refused)
@@ -289,6 +350,8 @@ class Reassembler:
             raise InvalidChunk("chunk headers have wrong types", str(tid))
         if count < 1 or csize < 1 or size < 0 or not 0 <= index < count or max(1, -(-size // csize)) != count:
             raise InvalidChunk(f"chunk {index}/{count} of size {size} (chunks of {csize}) is inconsistent", tid)
+        if not digest and index == count - 1:
+            raise InvalidChunk(f"chunk {index}, the last of transfer {tid}, carries no sha256", tid)
         if size > self.max_size:
             raise InvalidChunk(f"transfer {tid} declares {size} bytes, above the limit of {self.max_size}", tid)
         return tid, index
@@ -308,15 +371,13 @@ class Reassembler:
                 return AddResult(None, [token], duplicate=True)
             raise InvalidChunk(f"chunk {index} of transfer {tid}, which was dropped earlier ({dropped})", tid, [token])
         asm = self._open.get(tid)
-        if asm is not None and (headers[H_COUNT], headers[H_SIZE], headers[H_CHUNK_SIZE], headers[H_SHA256]) != (
-                asm.count, asm.size, asm.chunk_size, asm.sha256):
+        if asm is not None and not asm.agree(headers, index):
             raise InvalidChunk(f"chunk {index} disagrees with earlier chunks of transfer {tid}", tid, [token])
         size, csize = headers[H_SIZE], headers[H_CHUNK_SIZE]
         expected = min(csize, size - index * csize) if size else 0
         if len(body) != expected:
             raise InvalidChunk(f"chunk {index} of {tid} has {len(body)} bytes, expected {expected}", tid, [token])
-        crc = zlib.crc32(body)
-        if crc != headers[H_CRC]:
+        if self.verify_crc and zlib.crc32(body) != headers[H_CRC]:
             tokens = self._drop(tid, f"chunk {index} was corrupt") + [token]
             raise CorruptTransfer(f"transfer {tid}: chunk {index} is corrupt (crc32 mismatch)", tid, tokens)
         if asm is None:
@@ -324,8 +385,9 @@ class Reassembler:
             self._open[tid] = asm
         if index in asm.received:
             return AddResult(None, [token], duplicate=True)
+        asm.note(headers, index)
         asm.store(index, body, self.fsync)
-        asm.received[index] = crc
+        asm.received[index] = headers[H_CRC]
         asm._hash_stored()
         asm.last_progress = self.clock()
         ack: list = []

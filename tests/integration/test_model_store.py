@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
+import pika
 import pytest
 
-from common.model_store import ModelNotFound, ModelStore
+from common import messages
+from common.chunks import publish_chunked
+from common.model_store import H_VERSION, ModelNotFound, ModelStore
 
 pytestmark = pytest.mark.integration
 
@@ -48,3 +52,26 @@ def test_unknown_version_raises(connection, topo, tmp_path):
         store.fetch(3)
     with pytest.raises(ModelNotFound):
         store.fetch()
+
+
+def test_a_model_corrupted_in_the_stream_is_refused_naming_the_version(connection, topo, tmp_path):
+    """Stream readers skip the per-chunk crc32 (nothing is redelivered from a stream); the sha256 of the
+    whole payload still catches a corrupted chunk, and the fetch fails with ModelNotFound naming the version."""
+    ch = connection.channel()
+    ch.confirm_delivery()
+    store = ModelStore(ch, topo, cache_dir=tmp_path / "pub", chunk_size=64 * 1024)
+    first = store._probe_offset() + 1
+    chunks = []
+    info = publish_chunked(lambda body, h: chunks.append((bytes(body), h)), _payload(1), chunk_size=64 * 1024,
+                           transfer_id="model-v1", headers={H_VERSION: 1}, digest_in_last_chunk=True)
+    body, headers = chunks[1]
+    chunks[1] = (body[:10] + bytes([body[10] ^ 1]) + body[11:], headers)
+    for body, headers in chunks:
+        ch.basic_publish("", topo.models, body, pika.BasicProperties(headers=headers, delivery_mode=2))
+    ann = messages.ModelVersion(topo.experiment, 1, first, info.num_chunks, info.size, info.sha256,
+                                info.transfer_id, time.time())
+    ch.basic_publish("", topo.model_index, messages.encode(ann), pika.BasicProperties(delivery_mode=2))
+    reader = ModelStore(connection.channel(), topo, cache_dir=tmp_path / "worker")
+    with pytest.raises(ModelNotFound, match="model version 1 in the stream is corrupt"):
+        reader.fetch(1)
+    assert not reader.cached_path(1).exists()

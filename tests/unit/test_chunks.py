@@ -102,3 +102,58 @@ def test_file_source(tmp_path):
     p.write_bytes(data)
     info, msgs = _chunks(str(p), chunk_size=256)
     assert info.size == 1000 and b"".join(b for b, _ in msgs) == data
+
+
+def _last_chunk_digest(data, chunk_size=100):
+    out = []
+    info = publish_chunked(lambda body, h: out.append((bytes(body), h)), data, chunk_size=chunk_size,
+                           digest_in_last_chunk=True)
+    return info, out
+
+
+@pytest.mark.parametrize("spill", [10**9, 0], ids=["memory", "spool"])
+def test_digest_in_the_last_chunk_only_reassembles_in_any_order(spill, tmp_path):
+    data = os.urandom(2345)
+    info, msgs = _last_chunk_digest(data)
+    upfront, _ = _chunks(data)
+    assert info.num_chunks == 24 and info.sha256 == upfront.sha256
+    assert [h["mqfed-sha256"] for _, h in msgs[:-1]] == [""] * 23 and msgs[-1][1]["mqfed-sha256"] == info.sha256
+    random.Random(2).shuffle(msgs)
+    r = Reassembler(spill_threshold=spill, spool_dir=str(tmp_path), fsync=False)
+    done = None
+    for body, h in msgs:
+        done = r.add(h, body).complete or done
+    assert done is not None and done.read_bytes() == data
+    done.close()
+
+
+def test_digest_in_the_last_chunk_still_detects_a_forged_chunk():
+    info, msgs = _last_chunk_digest(os.urandom(300))
+    body, h = msgs[1]
+    forged = b"\x00" * len(body)
+    r = Reassembler(fsync=False)
+    r.add(msgs[0][1], msgs[0][0])
+    r.add({**h, H_CRC: __import__("zlib").crc32(forged)}, forged)
+    with pytest.raises(CorruptTransfer, match="sha256"):
+        r.add(msgs[2][1], msgs[2][0])
+
+
+def test_a_last_chunk_without_digest_and_mixed_digest_forms_are_refused():
+    _, late = _last_chunk_digest(os.urandom(300))
+    _, early = _chunks(os.urandom(300))
+    with pytest.raises(InvalidChunk, match="carries no sha256"):
+        Reassembler().add({**late[2][1], "mqfed-sha256": ""}, late[2][0])
+    r = Reassembler()
+    r.add(late[0][1], late[0][0])  # the sha256 comes last in this transfer ...
+    with pytest.raises(InvalidChunk, match="disagrees"):  # ... so a middle chunk carrying one is a mix
+        r.add({**late[1][1], "mqfed-sha256": early[0][1]["mqfed-sha256"]}, late[1][0])
+
+
+def test_without_crc_checks_corruption_is_caught_by_the_whole_payload_sha256():
+    _, msgs = _chunks(os.urandom(500))
+    bad = bytearray(msgs[1][0]); bad[7] ^= 1
+    msgs[1] = (bytes(bad), msgs[1][1])
+    r = Reassembler(fsync=False, verify_crc=False)
+    with pytest.raises(CorruptTransfer, match="sha256"):
+        for body, h in msgs:
+            r.add(h, body)
