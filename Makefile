@@ -46,6 +46,7 @@ benchmarks: broker data
 	$(PY) tests/benchmarks/async_vs_sync.py --data $(DATA_DIR)
 	$(PY) tests/benchmarks/compression.py
 	$(PY) tests/benchmarks/transport.py
+	$(PY) tests/benchmarks/worker_throughput.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache runs
