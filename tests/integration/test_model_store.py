@@ -75,3 +75,23 @@ def test_a_model_corrupted_in_the_stream_is_refused_naming_the_version(connectio
     with pytest.raises(ModelNotFound, match="model version 1 in the stream is corrupt"):
         reader.fetch(1)
     assert not reader.cached_path(1).exists()
+
+
+def test_the_confirm_window_delivers_everything_and_raises_on_an_unroutable_message(connection, topo):
+    """Model chunks go out with up to `window` unconfirmed messages; wait_confirmed returns once the broker
+    confirmed them all, and a message nobody can route surfaces as pika's UnroutableError."""
+    from common.model_store import _ConfirmWindow
+
+    ch = connection.channel()
+    queue = ch.queue_declare("", exclusive=True).method.queue
+    window = _ConfirmWindow(connection, 3)
+    try:
+        for i in range(10):
+            window.publish("", queue, b"x" * 1000 + bytes([i]), pika.BasicProperties())
+        window.wait_confirmed()
+        assert ch.queue_declare(queue, passive=True).method.message_count == 10
+        with pytest.raises(pika.exceptions.UnroutableError):
+            window.publish("", f"{queue}-nobody", b"lost", pika.BasicProperties())
+            window.wait_confirmed()
+    finally:
+        window.close()
