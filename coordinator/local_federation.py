@@ -55,11 +55,14 @@ class LocalFederation:
         self.config_path.write_text(dump_toml(cfg))
         self.coordinator: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
+        self.processes: list[subprocess.Popen] = []  # everything started, replaced workers and replicas included
 
     def _spawn(self, argv: list[str], log_name: str, **env: str) -> subprocess.Popen:
         log = open(self.run_dir / log_name, "ab")
-        return subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT,
                                 env=child_env(**{**self.env, **env}), cwd=ROOT, start_new_session=True)
+        self.processes.append(proc)
+        return proc
 
     def start_coordinator(self, *extra: str, env: dict | None = None, log_name: str = "coordinator.log") -> subprocess.Popen:
         self.coordinator = self._spawn(["coordinator.cli", "run", "--config", str(self.config_path), *extra],
@@ -140,6 +143,13 @@ class LocalFederation:
         return codes
 
     def stop(self) -> None:
-        """SIGTERM the workers, then the coordinator (if still running)."""
-        self.signal(list(self.workers.values()))
-        self.signal([self.coordinator])
+        """SIGTERM the workers, then the coordinators (whatever of what it started still runs); idempotent."""
+        workers = [p for p in self.processes if p.args[2] == "worker.cli"]
+        self.signal(workers)
+        self.signal([p for p in self.processes if p not in workers])
+
+    def __enter__(self) -> "LocalFederation":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.stop()

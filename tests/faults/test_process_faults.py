@@ -24,6 +24,17 @@ FAST = {"fedbuff.concurrency": 2, "fedbuff.buffer_size": 2, "fedbuff.max_stalene
         "stop.max_versions": 8}
 
 
+_FEDERATIONS: list[LocalFederation] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    """Stop every process a test's federation started, also when the test failed half-way."""
+    yield
+    while _FEDERATIONS:
+        _FEDERATIONS.pop().stop()
+
+
 def _federation(experiment, tmp_path, corpus, workers: list[dict], **settings) -> LocalFederation:
     from common.config import load_config
     from coordinator.experiment import ExperimentConfig
@@ -31,7 +42,8 @@ def _federation(experiment, tmp_path, corpus, workers: list[dict], **settings) -
     cfg = load_config(ExperimentConfig, env={}, overrides={
         "experiment.name": experiment.experiment, "experiment.run_dir": str(tmp_path / "run"),
         "data.path": str(corpus), **FAST, **settings})
-    return LocalFederation(cfg, corpus, workers)
+    _FEDERATIONS.append(LocalFederation(cfg, corpus, workers))
+    return _FEDERATIONS[-1]
 
 
 def _applied(fed: LocalFederation) -> list[tuple[str, str]]:
