@@ -144,7 +144,7 @@ class LocalFederation:
 
     def stop(self) -> None:
         """SIGTERM the workers, then the coordinators (whatever of what it started still runs); idempotent."""
-        workers = [p for p in self.processes if p.args[2] == "worker.cli"]
+        workers = [p for p in self.processes if p.args[2] == "worker.cli"]  # args: python -m <module> ...
         self.signal(workers)
         self.signal([p for p in self.processes if p not in workers])
 

@@ -105,8 +105,7 @@ def bench_broadcast(payload: bytes, readers: int, chunk: int, repeat: int) -> tu
     raw_conn = _raw_connection("raw-publisher")
     raw_ch = raw_conn.channel()
     raw_ch.confirm_delivery()
-    raw_q = f"{topo.prefix}.raw-stream"
-    ch.queue_declare(raw_q, durable=True, arguments={"x-queue-type": "stream"})
+    raw_q = f"{topo.prefix}.raw-stream"  # declared afresh in each run below
     total = len(payload) * readers / MB
     ours = raw = raw_disk = 0.0
     try:
