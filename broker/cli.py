@@ -13,7 +13,7 @@ import os
 import sys
 
 from broker import definitions, ensure, topology
-from common.amqp import connect
+from common.transport.connection import connect
 from common.logs import configure
 
 

@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from common.amqp import amqp_url
+from common.transport.connection import amqp_url
 from common.logs import get_logger
 
 log = get_logger(__name__)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from common.amqp import queue_unavailable_is_retryable
+from common.transport.connection import queue_unavailable_is_retryable
 from common.logs import get_logger
 
 log = get_logger(__name__)
@@ -98,7 +98,7 @@ def declare(channel, topo: Topology, passive: bool = False) -> None:
 
     passive=True only checks that they exist (for roles without configure permission, e.g. workers);
     raises pika.exceptions.ChannelClosedByBroker (404) when something is missing, and
-    common.amqp.QueueUnavailable (a retryable 404) when a queue exists but is not back yet after a restart.
+    common.transport.connection.QueueUnavailable (a retryable 404) when a queue exists but is not back yet after a restart.
     """
     with queue_unavailable_is_retryable():
         for ex in topo.exchanges():

@@ -40,7 +40,7 @@ from typing import Iterable, Mapping, Protocol, TypeGuard, Union
 import torch
 
 from common.logs import get_logger
-from common.sparse import SparseTensor  # noqa: F401  (defined in common; re-exported here)
+from common.compression.sparse import SparseTensor  # noqa: F401  (defined in common; re-exported here)
 from coordinator.server_optim import ServerOptimizer, ServerOptimizerConfig
 from coordinator.staleness import STALENESS_WEIGHTINGS, make_staleness_weight
 
@@ -73,7 +73,7 @@ class UpdateRejected(ValueError):
 
 
 class SparseLike(Protocol):
-    """Anything shaped like ``common.sparse.SparseTensor`` (a codec's own sparse type qualifies)."""
+    """Anything shaped like ``common.compression.sparse.SparseTensor`` (a codec's own sparse type qualifies)."""
 
     indices: torch.Tensor
     values: torch.Tensor

@@ -53,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from common.model import build_model, save_model
+    from common.learning.model import build_model, save_model
     from coordinator import checkpoint
 
     cfg = load_experiment(args.config, args.set)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     configure()
     from common.config import ConfigError
-    from common.kws_dataset import DataError
+    from common.data.dataset import DataError
     from coordinator.checkpoint import CheckpointError
 
     try:

@@ -39,14 +39,14 @@ DEMO_SETTINGS = {
 
 def main(args: argparse.Namespace) -> int:
     from broker import ensure, topology
-    from common import synth_corpus
-    from common.amqp import amqp_url, connect
+    from common.data import corpus
+    from common.transport.connection import amqp_url, connect
     from coordinator.cli import load_experiment
 
     if not ensure.ensure():
         print(ensure.HOW_TO.format(url=ensure.redact(amqp_url())), file=sys.stderr)
         return 1
-    synth_corpus.build(args.data)
+    corpus.build(args.data)
     name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     settings = {**DEMO_SETTINGS, "experiment.name": name, "experiment.run_dir": str(Path(args.run_dir) / name),
                 # the coordinator's clock starts after its start-up and stops before testing the export

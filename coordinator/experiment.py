@@ -4,11 +4,11 @@ Sections (all optional; defaults are the CPU demo's):
 
 ```toml
 [experiment]          # name, seed, where the run directory goes
-[model]               # common.model.ModelSpec: preset / hub id / local path, freeze_feature_encoder
+[model]               # common.learning.model.ModelSpec: preset / hub id / local path, freeze_feature_encoder
 [data]                # the held-out set the coordinator evaluates on
 [fedbuff]             # coordinator.aggregator.AggregatorConfig + mode and concurrency
 [server_optimizer]    # coordinator.server_optim.ServerOptimizerConfig
-[local]               # the local work each train task asks for (common.training.TrainConfig fields)
+[local]               # the local work each train task asks for (common.learning.training.TrainConfig fields)
 [tasks]               # deadlines, evaluation cadence, codec
 [stop]                # when the experiment ends
 ```
@@ -21,9 +21,9 @@ import math
 import re
 
 from broker.topology import DEFAULT_MODEL_RETENTION_BYTES
-from common.codecs import DEFAULT_CODEC, parse_codec
-from common.model import ModelSpec
-from common.training import TrainConfig
+from common.compression.codecs import DEFAULT_CODEC, parse_codec
+from common.learning.model import ModelSpec
+from common.learning.training import TrainConfig
 from coordinator.aggregator import AggregatorConfig
 from coordinator.dispatch import MODES
 from coordinator.server_optim import ServerOptimizerConfig
@@ -112,7 +112,7 @@ class TasksSection:
     """deadline_s: a train task not answered by then is re-issued. eval_every: central evaluation every
     that many versions (0: only at the end). federated_eval_every: evaluate tasks on the workers' local
     validation shards every that many versions (0: never). codec: update compression
-    (common/codecs.py). transfer_timeout_s: a chunked update that makes no progress for this long is
+    (common/compression/codecs.py). transfer_timeout_s: a chunked update that makes no progress for this long is
     dead-lettered (its worker died mid-upload; the task comes back through the queue)."""
 
     deadline_s: float = 600.0
@@ -154,7 +154,7 @@ class ExperimentConfig:
     data: DataSection = DataSection()
     fedbuff: FedBuffSection = FedBuffSection()
     server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
-    # The local work each train task asks for: common.training.TrainConfig's fields (the worker seeds
+    # The local work each train task asks for: common.learning.training.TrainConfig's fields (the worker seeds
     # each task from this seed, its own id and the task id).
     local: TrainConfig = TrainConfig(steps=40)
     tasks: TasksSection = TasksSection()

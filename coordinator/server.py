@@ -3,7 +3,7 @@ pure aggregator (coordinator/aggregator.py) and dispatcher (coordinator/dispatch
 
 Loop (one thread, one pika connection):
 1. keep the train tasks the dispatcher wants on `mqfed.<exp>.tasks` (per-message expiry = deadline);
-2. consume `mqfed.<exp>.updates` (single active consumer): decode the payload (common/codecs.py), validate
+2. consume `mqfed.<exp>.updates` (single active consumer): decode the payload (common/compression/codecs.py), validate
    and buffer it in the aggregator. A buffered update's delivery is acknowledged only once a checkpoint
    holds it, so a coordinator that dies loses nothing: the broker redelivers, and the restarted
    coordinator (from the last checkpoint) applies it exactly once;
@@ -37,17 +37,18 @@ import numpy as np
 import torch
 
 from broker import topology
-from broker.consume import DEFER, MessageConsumer, publish_message
-from common import codecs, messages
-from common.amqp import RETRYABLE, connect
-from common.chunks import Reassembler
-from common.kws_dataset import to_arrays
+from common.transport.consumer import DEFER, MessageConsumer, publish_message
+from common.compression import codecs
+from common.wire import messages
+from common.transport.connection import RETRYABLE, connect
+from common.wire.chunks import Reassembler
+from common.data.dataset import to_arrays
 from common.failpoints import failpoint
 from common.logs import get_logger
-from common.model import build_model, parameter_count, save_model
-from common.model_store import ModelStore
-from common.tensors import encode_state
-from common.training import Clips, EvalResult, evaluate
+from common.learning.model import build_model, parameter_count, save_model
+from common.transport.model_store import ModelStore
+from common.wire.tensors import encode_state
+from common.learning.training import Clips, EvalResult, evaluate
 from coordinator import checkpoint
 from coordinator.aggregator import Aggregator, AggregationRecord, ClientUpdate, UpdateRejected
 from coordinator.dispatch import Dispatcher
@@ -65,7 +66,7 @@ def load_clips(cfg: ExperimentConfig, split_name: str, max_clips: int = 0) -> Cl
     """`split_name` of the experiment's data set (a seeded subset of `max_clips` when > 0)."""
     from datasets import load_from_disk
 
-    from common.kws_dataset import DataError
+    from common.data.dataset import DataError
 
     try:
         split = load_from_disk(cfg.data.path)[split_name]

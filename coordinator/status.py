@@ -12,8 +12,8 @@ import argparse
 import time
 
 from broker import topology
-from common import messages
-from common.amqp import connect
+from common.wire import messages
+from common.transport.connection import connect
 
 
 def main(args: argparse.Namespace) -> int:

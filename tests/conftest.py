@@ -1,6 +1,6 @@
 """Fixtures shared by every test directory.
 
-`tiny_corpus`: the synthetic KS corpus (common/synth_corpus.py) for `tiny_spec`: four training clips and
+`tiny_corpus`: the synthetic KS corpus (common/data/corpus.py) for `tiny_spec`: four training clips and
 two validation/test clips per label (96 clips, well under a second of espeak-ng), built once per session
 into a temporary directory (`tiny_corpus_dir`) and opened with `load_from_disk`.
 `small_corpus_dir`: a synthetic corpus big enough to learn from in a minute (30 training, 10
@@ -30,17 +30,17 @@ _counter = itertools.count()
 
 @pytest.fixture(scope="session")
 def tiny_spec():
-    from common.synth_corpus import SynthSpec
+    from common.data.corpus import SynthSpec
 
     return SynthSpec(seed=0, per_class=4, eval_per_class=2)
 
 
 @pytest.fixture(scope="session")
 def tiny_corpus_dir(tmp_path_factory, tiny_spec):
-    from common import synth_corpus
+    from common.data import corpus
 
     out = tmp_path_factory.mktemp("corpus") / "synth-ks"
-    synth_corpus.build(out, tiny_spec, progress=False)
+    corpus.build(out, tiny_spec, progress=False)
     return out
 
 
@@ -54,10 +54,10 @@ def tiny_corpus(tiny_corpus_dir):
 @pytest.fixture(scope="session")
 def small_corpus_dir(tmp_path_factory):
     """A synthetic corpus big enough to learn from in a minute: 30 training, 10 validation/test clips per label."""
-    from common import synth_corpus
+    from common.data import corpus
 
     out = tmp_path_factory.mktemp("small-corpus") / "synth-ks"
-    synth_corpus.build(out, synth_corpus.SynthSpec(seed=1, per_class=30, eval_per_class=10), progress=False)
+    corpus.build(out, corpus.SynthSpec(seed=1, per_class=30, eval_per_class=10), progress=False)
     return out
 
 
@@ -82,7 +82,7 @@ def new_topology(**kwargs):
 
 def delete_topology(t) -> None:
     from broker import topology
-    from common.amqp import connect
+    from common.transport.connection import connect
 
     cleanup = connect("test", device="cleanup", attempts=3)
     try:
@@ -94,7 +94,7 @@ def delete_topology(t) -> None:
 @pytest.fixture(scope="session")
 def broker_url():
     from broker import ensure
-    from common.amqp import amqp_url
+    from common.transport.connection import amqp_url
 
     if not ensure.ensure():
         pytest.fail(ensure.HOW_TO.format(url=amqp_url()), pytrace=False)  # never skip silently
@@ -103,7 +103,7 @@ def broker_url():
 
 @pytest.fixture
 def connection(broker_url):
-    from common.amqp import connect
+    from common.transport.connection import connect
 
     conn = connect("test", device="pytest", attempts=3)
     yield conn

@@ -21,12 +21,14 @@ log = get_logger(__name__)
 def _data(args: argparse.Namespace) -> int:
     from datasets import load_from_disk
 
-    from common import speech_commands, synth_corpus
-    from common.kws_dataset import SPLITS, check_splits, label_counts
-    from common.shards import select_shard
+    from common.data import speech_commands
+
+    from common.data import corpus
+    from common.data.dataset import SPLITS, check_splits, label_counts
+    from common.data.shards import select_shard
 
     if args.data_command == "synth":
-        dd = synth_corpus.build(args.out, synth_corpus.SynthSpec(seed=args.seed, per_class=args.per_class,
+        dd = corpus.build(args.out, corpus.SynthSpec(seed=args.seed, per_class=args.per_class,
                                                                  eval_per_class=args.eval_per_class))
         out = args.out
     elif args.data_command == "speech-commands":
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     configure()
     if args.command == "data":
-        from common.kws_dataset import DataError
+        from common.data.dataset import DataError
 
         try:
             return _data(args)

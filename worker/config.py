@@ -7,7 +7,7 @@ node = "gpu-node-3"              # default: the host name
 experiment = "kws"
 devices = ["cuda:0", "cuda:1"]   # or ["cpu"]: one trainer process per device
 data = "/data/kws"               # a KS data set directory (mqfed-worker data ...)
-shard = "speaker:1/4"            # which part of it this node trains on (common/shards.py)
+shard = "speaker:1/4"            # which part of it this node trains on (common/data/shards.py)
 cache_dir = ""                   # model versions and error-feedback residuals; default $XDG_CACHE_HOME/mqfed
 threads = 0                      # CPU threads per trainer (0: cores / CPU trainers)
 slowdown = 1.0                   # experiments: take this many times as long per task (a straggler)
@@ -23,8 +23,8 @@ import dataclasses
 import math
 import socket
 
-from common.messages import MAX_MESSAGE_BYTES
-from common.shards import ShardSpec
+from common.wire.messages import MAX_MESSAGE_BYTES
+from common.data.shards import ShardSpec
 
 INLINE_LIMIT = MAX_MESSAGE_BYTES - 1024 * 1024  # the largest inline update payload (see inline_max_bytes)
 

@@ -9,7 +9,7 @@ A trainer (`Trainer.run`):
    - train: fetch the newest model it can get (disk cache first; at least the task's `min_version` when
      that is announced, else the newest there is, which it logs as training behind), train on its shard
      in a background thread while the connection keeps serving heartbeats, compute `delta = trained -
-     base`, compress it with error feedback (common/error_feedback.py), publish the update (inline or
+     base`, compress it with error feedback (common/compression/error_feedback.py), publish the update (inline or
      chunked) under publisher confirms, save the residual, and only then ack the task;
    - evaluate: evaluate the named version on its validation shard and publish the metrics;
 4. on SIGTERM: stops training at the next step and returns the task to the queue (`basic_reject` with
@@ -37,19 +37,19 @@ import pika
 import torch
 
 from broker import topology
-from broker.consume import publish_message
-from common import messages
-from common.amqp import RETRYABLE, connect
-from common.chunks import publish_chunked
-from common.error_feedback import ErrorFeedback
+from common.transport.consumer import publish_message
+from common.wire import messages
+from common.transport.connection import RETRYABLE, connect
+from common.wire.chunks import publish_chunked
+from common.compression.error_feedback import ErrorFeedback
 from common.failpoints import failpoint
-from common.kws_dataset import DataError, to_arrays
+from common.data.dataset import DataError, to_arrays
 from common.logs import configure, get_logger
-from common.model import ModelSpec, build_model
-from common.model_store import ModelNotFound, ModelStore, default_cache_dir
-from common.shards import ShardSpec, select_shard
-from common.tensors import decode_state
-from common.training import Clips, TrainConfig, evaluate, train
+from common.learning.model import ModelSpec, build_model
+from common.transport.model_store import ModelNotFound, ModelStore, default_cache_dir
+from common.data.shards import ShardSpec, select_shard
+from common.wire.tensors import decode_state
+from common.learning.training import Clips, TrainConfig, evaluate, train
 from worker.config import WorkerConfig
 
 log = get_logger(__name__)

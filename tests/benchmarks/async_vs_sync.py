@@ -23,8 +23,8 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from broker import ensure, topology  # noqa: E402
-from common import synth_corpus  # noqa: E402
-from common.amqp import amqp_url, connect  # noqa: E402
+from common.data import corpus  # noqa: E402
+from common.transport.connection import amqp_url, connect  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.logs import configure  # noqa: E402
 from coordinator.experiment import ExperimentConfig  # noqa: E402
@@ -86,7 +86,7 @@ def main() -> None:
     configure(level="WARNING")
     if not ensure.ensure():
         raise SystemExit(ensure.HOW_TO.format(url=ensure.redact(amqp_url())))
-    synth_corpus.build(args.data)
+    corpus.build(args.data)
     results = [run(mode, args, args.run_root) for mode in ("async", "sync")]
     print(f"\n{args.workers} workers, w{args.workers} {args.slowdown:g}x slower, target validation accuracy {args.target}")
     print(f"{'mode':<7}{'to target s':>12}{'versions':>10}{'updates':>9}{'slow w.':>9}{'staleness':>11}"

@@ -4,7 +4,7 @@
                                            [--schedule cosine] [--eval-every 250] [--threads 2]
 
 The reference the federated runs are judged against. Trains `kws-tiny` with the same local-training code a
-worker uses (common/training.py), in one run with one learning-rate schedule (AdamW, warm-up, cosine decay
+worker uses (common/learning/training.py), in one run with one learning-rate schedule (AdamW, warm-up, cosine decay
 to near 0 at --steps), evaluates on the held-out-speaker test split every --eval-every steps, prints test
 accuracy against wall time, and ends with one JSON line `{"test_accuracy": ..., "wall_s": ..., "params": ...}`
 (wall_s: training + evaluation, not the corpus). The defaults take about 3.5 minutes on 2 idle cores.
@@ -21,13 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from common import synth_corpus  # noqa: E402
-from common.kws_dataset import to_arrays  # noqa: E402
+from common.data import corpus  # noqa: E402
+from common.data.dataset import to_arrays  # noqa: E402
 from common.logs import configure  # noqa: E402
-from common.model import ModelSpec, build_model, parameter_count  # noqa: E402
-from common.training import SCHEDULES, Clips, TrainConfig, evaluate, train  # noqa: E402
+from common.learning.model import ModelSpec, build_model, parameter_count  # noqa: E402
+from common.learning.training import SCHEDULES, Clips, TrainConfig, evaluate, train  # noqa: E402
 
-# Defaults for kws-tiny on the synthetic corpus (see common/model.py PRESETS for what they reach).
+# Defaults for kws-tiny on the synthetic corpus (see common/learning/model.py PRESETS for what they reach).
 STEPS = 4000
 LEARNING_RATE = 3e-3
 WARMUP = 100
@@ -37,7 +37,7 @@ SCHEDULE = "cosine"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=".cache/mqfed/synth-ks")
-    p.add_argument("--per-class", type=int, default=synth_corpus.SynthSpec.per_class)
+    p.add_argument("--per-class", type=int, default=corpus.SynthSpec.per_class)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="kws-tiny")
     p.add_argument("--steps", type=int, default=STEPS)
@@ -51,7 +51,7 @@ def main() -> None:
     args = p.parse_args()
     configure(level="WARNING")
     torch.set_num_threads(args.threads)
-    dd = synth_corpus.build(args.data, synth_corpus.SynthSpec(seed=args.seed, per_class=args.per_class))
+    dd = corpus.build(args.data, corpus.SynthSpec(seed=args.seed, per_class=args.per_class))
     train_set, test_set = Clips.from_arrays(*to_arrays(dd["train"])), Clips.from_arrays(*to_arrays(dd["test"]))
     model = build_model(ModelSpec(args.model, seed=args.seed))
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup,

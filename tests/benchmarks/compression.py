@@ -6,8 +6,8 @@ The shapes come from ``Wav2Vec2ForSequenceClassification(Wav2Vec2Config())`` bui
 (nothing downloaded, no memory for weights): 94.5 M float parameters, 378 MB as dense fp32. The delta is
 synthetic: per tensor, Gaussian noise with a per-tensor scale drawn log-uniformly in [1e-5, 1e-3] (what a
 few local SGD steps give), a conservative input for the lossless stages (random mantissas do not compress).
-For each codec: encode time (``common.codecs.encode``, everything from tensors to bytes), decode time
-(``common.codecs.decode``, bytes to dense tensors / SparseTensors, all checks included), add time (adding
+For each codec: encode time (``common.compression.codecs.encode``, everything from tensors to bytes), decode time
+(``common.compression.codecs.decode``, bytes to dense tensors / SparseTensors, all checks included), add time (adding
 the decoded update into a dense float32 buffer as the aggregator does: ``index_add_`` for sparse
 entries), wire bytes and raw/wire ratio; then the time of one ``ErrorFeedback.compress`` with the default
 codec. Times are the best of --repeat runs on this machine's CPU (--threads 1 gives steadier figures on a
@@ -37,9 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from common.codecs import DEFAULT_CODEC, encode, decode  # noqa: E402
-from common.error_feedback import ErrorFeedback  # noqa: E402
-from common.sparse import SparseTensor  # noqa: E402
+from common.compression.codecs import DEFAULT_CODEC, encode, decode  # noqa: E402
+from common.compression.error_feedback import ErrorFeedback  # noqa: E402
+from common.compression.sparse import SparseTensor  # noqa: E402
 
 MB = 1e6
 CODECS = [
@@ -128,7 +128,7 @@ def _federated_accuracy(codec: str, args: argparse.Namespace) -> dict:
     import uuid
 
     from broker import topology
-    from common.amqp import connect
+    from common.transport.connection import connect
     from common.config import load_config
     from coordinator.demo import DEMO_SETTINGS
     from coordinator.experiment import ExperimentConfig
@@ -158,11 +158,11 @@ def section_accuracy(args: argparse.Namespace) -> dict:
     if not args.accuracy_codecs:
         return {}
     from broker import ensure
-    from common import synth_corpus
+    from common.data import corpus
 
     if not ensure.ensure():
         raise SystemExit("no broker for the accuracy section (see `mqfed-broker ensure`)")
-    synth_corpus.build(args.data)
+    corpus.build(args.data)
     codecs = ["none"] + [c for c in args.accuracy_codecs if c != "none"]
     print(f"\ndemo task: 2 workers (speaker shards), kws-tiny, {args.versions} versions each, test accuracy of the"
           " exported best model")

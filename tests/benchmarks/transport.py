@@ -7,10 +7,10 @@ then --readers processes fetch it at the same time (reassembly to their disk cac
 bytes as the same number of messages published with confirms to a plain stream and consumed by the same
 number of reader processes that only count bytes. MB/s = payload MB delivered to all readers / wall time
 (publish + reads). Update ingest: --updates chunked updates through the updates queue into
-broker.consume.MessageConsumer, against raw publish + consume of the same messages on a quorum queue.
+common.transport.consumer.MessageConsumer, against raw publish + consume of the same messages on a quorum queue.
 A third broadcast row has raw readers that also write what they receive to a file, as mqfed's readers
 must (disk cache). The raw rows use stock pika connections (`pika.BlockingConnection`, pika's defaults);
-mqfed's use `common.amqp.connect` (larger socket reads, see common/amqp.py). Each row is the best of
+mqfed's use `common.transport.connection.connect` (larger socket reads, see common/transport/connection.py). Each row is the best of
 --repeat runs, mqfed and raw interleaved (a 2-core machine shared by the broker, the publisher and the
 readers varies by +-20 % from run to run). Prints a table, then one JSON line
 {"broadcast_mb_s", "raw_mb_s", "ratio", ...}.
@@ -31,12 +31,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import pika  # noqa: E402
 
 from broker import topology  # noqa: E402
-from broker.consume import MessageConsumer, publish_message  # noqa: E402
-from common import messages  # noqa: E402
-from common.amqp import connect, parameters  # noqa: E402
+from common.transport.consumer import MessageConsumer, publish_message  # noqa: E402
+from common.wire import messages  # noqa: E402
+from common.transport.connection import connect, parameters  # noqa: E402
 from common.logs import configure  # noqa: E402
-from common.chunks import DEFAULT_CHUNK_SIZE, Reassembler, publish_chunked  # noqa: E402
-from common.model_store import ModelStore, _close_without_reject  # noqa: E402
+from common.wire.chunks import DEFAULT_CHUNK_SIZE, Reassembler, publish_chunked  # noqa: E402
+from common.transport.model_store import ModelStore, _close_without_reject  # noqa: E402
 
 MB = 1024 * 1024
 

@@ -3,12 +3,12 @@
     python tests/benchmarks/worker_throughput.py [--model wav2vec2-base] [--device cuda:0|cpu]
                                                  [--batch-size 32] [--steps 20] [--warmup 3]
 
-mqfed: `common.training.train` (what a worker trainer runs per task: per-clip normalisation, time-shift
+mqfed: `common.learning.training.train` (what a worker trainer runs per task: per-clip normalisation, time-shift
 augmentation, AdamW, gradient clipping, bf16 autocast on CUDA), on random 1 s clips. Baseline, in the same
 run on the same model and batches: a bare fp32 loop (forward, cross-entropy, backward, AdamW step, nothing
 else). On CUDA the ratio is what bf16 autocast and the extras give together; on the CPU (no autocast) it is
 the cost of the extras. The model is a preset (`wav2vec2-base`: the base architecture, 94.4 M parameters,
-random init, nothing downloaded; `kws-tiny`) or anything `common.model.build_model` takes. `--warmup` steps
+random init, nothing downloaded; `kws-tiny`) or anything `common.learning.model.build_model` takes. `--warmup` steps
 of each loop are not timed (CUDA kernels, allocator). Peak memory: `torch.cuda.max_memory_allocated` on
 CUDA, the process's peak RSS on the CPU (for mqfed's loop only: it ran first, and RSS peaks never go down). Prints a table, then one JSON line
 {"model", "device", "samples_per_s", "baseline_samples_per_s", "ratio", "peak_mem_mb", ...}.
@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common.audio import SAMPLE_RATE  # noqa: E402
-from common.model import ModelSpec, build_model, parameter_count  # noqa: E402
-from common.training import Clips, TrainConfig, train  # noqa: E402
+from common.data.audio import SAMPLE_RATE  # noqa: E402
+from common.learning.model import ModelSpec, build_model, parameter_count  # noqa: E402
+from common.learning.training import Clips, TrainConfig, train  # noqa: E402
 
 
 def _peak_mb(device: torch.device) -> float:
@@ -65,7 +65,7 @@ def bare_loop(model: torch.nn.Module, clips: Clips, batch: int, steps: int, warm
 
 
 def ours(model: torch.nn.Module, clips: Clips, batch: int, steps: int, warmup: int, device: torch.device) -> float:
-    """Samples/s of `common.training.train`, timed from the end of step `warmup` (on_step) to the end."""
+    """Samples/s of `common.learning.training.train`, timed from the end of step `warmup` (on_step) to the end."""
     marks: dict[int, float] = {}
 
     def on_step(step: int, _total: int, _loss: float) -> None:

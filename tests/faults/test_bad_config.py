@@ -19,7 +19,7 @@ import pika
 import pytest
 
 from broker import topology
-from common.amqp import connect
+from common.transport.connection import connect
 from coordinator.local_federation import ROOT, child_env
 
 pytestmark = pytest.mark.faults

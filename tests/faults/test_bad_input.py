@@ -41,11 +41,12 @@ import structlog
 import torch
 
 from broker import topology
-from broker.consume import publish_message
-from common import codecs, messages
-from common.amqp import connect
-from common.chunks import publish_chunked
-from common.tensors import decode_state, encode_state
+from common.transport.consumer import publish_message
+from common.compression import codecs
+from common.wire import messages
+from common.transport.connection import connect
+from common.wire.chunks import publish_chunked
+from common.wire.tensors import decode_state, encode_state
 
 pytestmark = pytest.mark.faults
 

@@ -61,8 +61,8 @@ def _events(path: Path, event: str) -> list[dict]:
 @pytest.mark.parametrize("how", ["graceful", "kill"])
 def test_broker_restart_mid_run_federation_reconnects_and_completes(how, private_broker, small_corpus_dir, tmp_path):
     from broker import topology
-    from common.amqp import connect
-    from common.model_store import ModelStore
+    from common.transport.connection import connect
+    from common.transport.model_store import ModelStore
 
     fed = _federation(private_broker, tmp_path, small_corpus_dir).start()
     codes: list = []
@@ -123,10 +123,10 @@ def _session_like_the_daemons(url: str, topo, cache: Path, version: int) -> None
     the topology, read the model index, fetch and publish a model version, publish a task with confirms,
     take one task from the quorum queue."""
     from broker import topology
-    from broker.consume import publish_message
-    from common import messages
-    from common.amqp import connect
-    from common.model_store import ModelStore
+    from common.transport.consumer import publish_message
+    from common.wire import messages
+    from common.transport.connection import connect
+    from common.transport.model_store import ModelStore
 
     conn = connect("test", device="hammer", url=url, attempts=1)
     try:
@@ -157,12 +157,12 @@ def _session_like_the_daemons(url: str, topo, cache: Path, version: int) -> None
 def test_every_error_a_client_sees_while_the_broker_restarts_is_retryable(how, private_broker, tmp_path):
     """A client that reconnects at any moment of a restart (the daemons back off, so they may land anywhere
     in it, e.g. just after the broker answers again but before its streams are back) only ever sees
-    errors in common.amqp.RETRYABLE, which the coordinator and the workers answer with reconnect-and-resume."""
+    errors in common.transport.connection.RETRYABLE, which the coordinator and the workers answer with reconnect-and-resume."""
     import logging
     import threading
 
     from broker import topology
-    from common.amqp import RETRYABLE
+    from common.transport.connection import RETRYABLE
 
     topo = topology.Topology("restart-window")
     _session_like_the_daemons(private_broker.url, topo, tmp_path / "cache", 0)
@@ -218,9 +218,10 @@ def test_a_connection_lost_right_after_a_checkpoint_leaves_the_version_in_the_ru
     import torch
 
     from broker import topology
-    from broker.consume import MessageConsumer, publish_message
-    from common import codecs, messages
-    from common.amqp import connect
+    from common.transport.consumer import MessageConsumer, publish_message
+    from common.compression import codecs
+    from common.wire import messages
+    from common.transport.connection import connect
     from common.config import load_config
     from coordinator.experiment import ExperimentConfig
     from coordinator.local_federation import read_record

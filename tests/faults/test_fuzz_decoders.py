@@ -10,11 +10,11 @@ checks). Only the decoder's documented error type may escape; anything else is a
 
 | decoder                              | may raise                    |
 |--------------------------------------|------------------------------|
-| common.messages.decode               | MessageError                 |
-| common.tensors.decode_state          | TensorFormatError            |
-| common.codecs.decode                 | CodecError                   |
+| common.wire.messages.decode               | MessageError                 |
+| common.wire.tensors.decode_state          | TensorFormatError            |
+| common.compression.codecs.decode                 | CodecError                   |
 | codecs.decode + Aggregator.add       | CodecError, UpdateRejected   |
-| common.chunks.Reassembler.add        | ChunkError                   |
+| common.wire.chunks.Reassembler.add        | ChunkError                   |
 | coordinator.checkpoint.load          | CheckpointError              |
 | worker task path (Trainer._on_task)  | nothing: ack, nack or reject |
 
@@ -42,10 +42,12 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from common import codecs, messages
-from common.chunks import ChunkError, Reassembler, publish_chunked
-from common.sparse import SparseTensor
-from common.tensors import TensorFormatError, decode_state, encode_state
+from common.compression import codecs
+
+from common.wire import messages
+from common.wire.chunks import ChunkError, Reassembler, publish_chunked
+from common.compression.sparse import SparseTensor
+from common.wire.tensors import TensorFormatError, decode_state, encode_state
 from coordinator import checkpoint
 from coordinator.aggregator import Aggregator, AggregatorConfig, ClientUpdate, UpdateRejected
 
@@ -114,7 +116,7 @@ def _edit_map(draw, body: dict, interesting_keys: list) -> dict:
     return body
 
 
-# -- common.messages.decode --------------------------------------------------------------------------------
+# -- common.wire.messages.decode --------------------------------------------------------------------------------
 
 _FAR = 4_000_000_000.0
 MESSAGE_SEEDS = [
@@ -163,7 +165,7 @@ def test_messages_decode_raises_only_message_errors(data):
     _check_message(data)
 
 
-# -- common.tensors.decode_state ----------------------------------------------------------------------------
+# -- common.wire.tensors.decode_state ----------------------------------------------------------------------------
 
 _STATE = {
     "w": torch.arange(6, dtype=torch.float32).view(2, 3), "i": torch.arange(4),
@@ -225,7 +227,7 @@ def test_decode_state_raises_only_tensor_format_errors(data):
     assert sum(t.numel() * t.element_size() for t in out.values()) <= len(data)
 
 
-# -- common.codecs.decode ------------------------------------------------------------------------------------
+# -- common.compression.codecs.decode ------------------------------------------------------------------------------------
 
 def _delta(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -374,7 +376,7 @@ def test_decoding_and_validating_mutated_updates_raises_only_codec_errors_or_rej
     assert agg.version == 1 and all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
 
 
-# -- common.chunks.Reassembler.add ---------------------------------------------------------------------------
+# -- common.wire.chunks.Reassembler.add ---------------------------------------------------------------------------
 
 _H = ["mqfed-transfer", "mqfed-chunk", "mqfed-chunks", "mqfed-size", "mqfed-chunk-size", "mqfed-sha256", "mqfed-crc32"]
 

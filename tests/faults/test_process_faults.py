@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from common.amqp import connect
+from common.transport.connection import connect
 from coordinator import checkpoint
 from coordinator.local_federation import LocalFederation
 

@@ -15,7 +15,7 @@ import pika
 import pytest
 
 from broker import definitions, topology
-from common.amqp import amqp_url
+from common.transport.connection import amqp_url
 
 pytestmark = pytest.mark.integration
 

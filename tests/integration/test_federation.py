@@ -11,11 +11,12 @@ import pika
 import pytest
 import torch
 
-from broker.consume import publish_message
-from common import codecs, messages
-from common.amqp import connect
-from common.model_store import ModelStore
-from common.tensors import decode_state
+from common.transport.consumer import publish_message
+from common.compression import codecs
+from common.wire import messages
+from common.transport.connection import connect
+from common.transport.model_store import ModelStore
+from common.wire.tensors import decode_state
 from . import federation
 
 pytestmark = pytest.mark.integration

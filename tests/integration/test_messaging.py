@@ -9,9 +9,9 @@ import time
 import pika
 import pytest
 
-from broker.consume import MessageConsumer, publish_message
-from common import messages as m
-from common.chunks import Reassembler, publish_chunked
+from common.transport.consumer import MessageConsumer, publish_message
+from common.wire import messages as m
+from common.wire.chunks import Reassembler, publish_chunked
 
 pytestmark = pytest.mark.integration
 
@@ -139,8 +139,8 @@ def test_missing_chunk_is_detected_after_timeout(connection, topo, capsys):
 
 RECEIVER = r"""
 import resource, sys, tracemalloc, time
-from common.amqp import connect
-from common.chunks import Reassembler
+from common.transport.connection import connect
+from common.wire.chunks import Reassembler
 queue, prefetch, spool = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 conn = connect("test", device="receiver", attempts=3)
 ch = conn.channel()

@@ -7,9 +7,9 @@ import time
 import pika
 import pytest
 
-from common import messages
-from common.chunks import publish_chunked
-from common.model_store import H_VERSION, ModelNotFound, ModelStore
+from common.wire import messages
+from common.wire.chunks import publish_chunked
+from common.transport.model_store import H_VERSION, ModelNotFound, ModelStore
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +80,7 @@ def test_a_model_corrupted_in_the_stream_is_refused_naming_the_version(connectio
 def test_the_confirm_window_delivers_everything_and_raises_on_an_unroutable_message(connection, topo):
     """Model chunks go out with up to `window` unconfirmed messages; wait_confirmed returns once the broker
     confirmed them all, and a message nobody can route surfaces as pika's UnroutableError."""
-    from common.model_store import _ConfirmWindow
+    from common.transport.model_store import _ConfirmWindow
 
     ch = connection.channel()
     queue = ch.queue_declare("", exclusive=True).method.queue

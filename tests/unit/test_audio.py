@@ -1,4 +1,4 @@
-"""Audio helpers (common/audio.py): fitting clips to the 1 s window, per-clip normalisation, band-limited
+"""Audio helpers (common/data/audio.py): fitting clips to the 1 s window, per-clip normalisation, band-limited
 resampling and wav decoding with errors that name the file."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import soundfile
 import torch
 
-from common.audio import CLIP_SAMPLES, SAMPLE_RATE, AudioFormatError, decode_wav, fit_clip, normalize, resample
+from common.data.audio import CLIP_SAMPLES, SAMPLE_RATE, AudioFormatError, decode_wav, fit_clip, normalize, resample
 
 
 def _dominant_hz(samples: np.ndarray, rate: int) -> float:

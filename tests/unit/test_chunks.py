@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from common.chunks import (
+from common.wire.chunks import (
     H_CRC, CorruptTransfer, IncompleteTransfer, InvalidChunk, Reassembler, publish_chunked,
 )
 

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.codecs import (
+from common.compression.codecs import (
     DEFAULT_CODEC,
     MAGIC,
     CodecError,
@@ -22,8 +22,8 @@ from common.codecs import (
     parse_codec,
     topk_count,
 )
-from common.sparse import SparseTensor
-from common.tensors import decode_state, encode_state
+from common.compression.sparse import SparseTensor
+from common.wire.tensors import decode_state, encode_state
 from coordinator.aggregator import Aggregator, AggregatorConfig, ClientUpdate
 from coordinator.server_optim import ServerOptimizerConfig
 

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from common.codecs import CodecError, decode, encode
-from common.error_feedback import ErrorFeedback
-from common.sparse import SparseTensor
+from common.compression.codecs import CodecError, decode, encode
+from common.compression.error_feedback import ErrorFeedback
+from common.compression.sparse import SparseTensor
 
 SHAPES = {"w": (30, 40), "b": (40,)}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.config import ConfigError, dump_toml, load_config
-from common.training import TrainConfig
+from common.learning.training import TrainConfig
 from coordinator.aggregator import AggregatorConfig
 from coordinator.cli import _overrides
 from coordinator.experiment import ExperimentConfig

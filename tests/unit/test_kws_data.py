@@ -13,12 +13,14 @@ import pytest
 import soundfile
 from datasets import Audio, ClassLabel, Dataset, DatasetDict, Features, Value, load_from_disk
 
-from common import speech_commands, synth_corpus
-from common.audio import CLIP_SAMPLES, SAMPLE_RATE, AudioFormatError
-from common.kws_dataset import SPLITS, DataError, check_splits, label_counts
-from common.labels import KEYWORDS, KS_LABELS, LABEL2ID, SILENCE, UNKNOWN, UnknownLabelError, label_id
-from common.speech_synth import Synthesizer, Voice
-from common.synth_corpus import SynthSpec
+from common.data import speech_commands
+
+from common.data import corpus
+from common.data.audio import CLIP_SAMPLES, SAMPLE_RATE, AudioFormatError
+from common.data.dataset import SPLITS, DataError, check_splits, label_counts
+from common.data.labels import KEYWORDS, KS_LABELS, LABEL2ID, SILENCE, UNKNOWN, UnknownLabelError, label_id
+from common.data.espeak import Synthesizer, Voice
+from common.data.corpus import SynthSpec
 from worker import cli
 
 SUPERB_KS_LABELS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "_silence_", "_unknown_"]
@@ -81,8 +83,8 @@ def test_synthetic_corpus_words_match_labels(tiny_corpus):
 
 
 def test_synthetic_corpus_is_deterministic_in_its_seed(tiny_corpus, tiny_spec):
-    again = synth_corpus.generate(tiny_spec, progress=False)
-    other = synth_corpus.generate(dataclasses.replace(tiny_spec, seed=tiny_spec.seed + 1), progress=False)
+    again = corpus.generate(tiny_spec, progress=False)
+    other = corpus.generate(dataclasses.replace(tiny_spec, seed=tiny_spec.seed + 1), progress=False)
     for split in SPLITS:
         np.testing.assert_array_equal(_audio(again, split), _audio(tiny_corpus, split))
         assert again[split]["speaker"] == tiny_corpus[split]["speaker"]
@@ -111,13 +113,13 @@ def test_speech_synthesis_noise_does_not_depend_on_the_library_seed():
 def test_synthetic_corpus_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
     out = tmp_path / "synth"
     spec = SynthSpec(seed=3, per_class=1, eval_per_class=1)
-    first = synth_corpus.build(out, spec, progress=False)
+    first = corpus.build(out, spec, progress=False)
 
     def no_regeneration(*args, **kwargs):
         raise AssertionError("the cached corpus was regenerated")
 
-    monkeypatch.setattr(synth_corpus, "generate", no_regeneration)
-    second = synth_corpus.build(out, spec, progress=False)
+    monkeypatch.setattr(corpus, "generate", no_regeneration)
+    second = corpus.build(out, spec, progress=False)
     for split in SPLITS:
         np.testing.assert_array_equal(_audio(second, split), _audio(first, split))
     reopened = load_from_disk(str(out))
@@ -126,8 +128,8 @@ def test_synthetic_corpus_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
 
 def test_synthetic_corpus_is_rebuilt_when_the_spec_changes(tmp_path):
     out = tmp_path / "synth"
-    synth_corpus.build(out, SynthSpec(seed=3, per_class=1, eval_per_class=1), progress=False)
-    rebuilt = synth_corpus.build(out, SynthSpec(seed=3, per_class=2, eval_per_class=1), progress=False)
+    corpus.build(out, SynthSpec(seed=3, per_class=1, eval_per_class=1), progress=False)
+    rebuilt = corpus.build(out, SynthSpec(seed=3, per_class=2, eval_per_class=1), progress=False)
     assert len(rebuilt["train"]) == 2 * len(KS_LABELS)
     assert len(load_from_disk(str(out))["train"]) == 2 * len(KS_LABELS)
 
@@ -137,7 +139,7 @@ def test_synthetic_corpus_refuses_to_replace_a_directory_it_did_not_make(tmp_pat
     out.mkdir()
     (out / "precious.txt").write_text("not a corpus")
     with pytest.raises(DataError, match="my-data"):
-        synth_corpus.build(out, SynthSpec(seed=3, per_class=1, eval_per_class=1), progress=False)
+        corpus.build(out, SynthSpec(seed=3, per_class=1, eval_per_class=1), progress=False)
     assert (out / "precious.txt").read_text() == "not a corpus"
 
 

@@ -2,7 +2,7 @@ import msgpack
 import pytest
 from hypothesis import given, strategies as st
 
-from common import messages as m
+from common.wire import messages as m
 
 EXAMPLES = [
     m.TrainTask("exp", "t1", 3, 50, 16, 1e-4, 1700000000.0, "topk-0.01", options={"seed": 1}),

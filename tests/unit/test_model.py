@@ -1,4 +1,4 @@
-"""The KS classifier factory (common/model.py): the tiny preset, the twelve KS labels on the head, seeded
+"""The KS classifier factory (common/learning/model.py): the tiny preset, the twelve KS labels on the head, seeded
 initialisation, freezing the feature encoder, offline errors for unknown names, and the exported
 directory that `transformers.pipeline("audio-classification")` and `build_model` load back."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers
 
-from common.labels import ID2LABEL, KS_LABELS, LABEL2ID
-from common.model import ModelSpec, build_model, float_state, parameter_count, save_model
+from common.data.labels import ID2LABEL, KS_LABELS, LABEL2ID
+from common.learning.model import ModelSpec, build_model, float_state, parameter_count, save_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -1,4 +1,4 @@
-"""Worker shards (common/shards.py): spec parsing, exact partitions of a split by every kind, reproducibility
+"""Worker shards (common/data/shards.py): spec parsing, exact partitions of a split by every kind, reproducibility
 from the spec string alone, speaker-disjoint and label-skewed shards, and empty shards refused."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from common.kws_dataset import DataError
-from common.shards import ShardSpec, select_shard, shard_indices
+from common.data.dataset import DataError
+from common.data.shards import ShardSpec, select_shard, shard_indices
 
 N_LABELS = 12
 

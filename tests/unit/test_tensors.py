@@ -4,7 +4,7 @@ import msgpack
 import pytest
 import torch
 
-from common.tensors import TensorFormatError, decode_state, encode_state
+from common.wire.tensors import TensorFormatError, decode_state, encode_state
 
 
 def _state():

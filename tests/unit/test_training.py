@@ -1,4 +1,4 @@
-"""Local training and evaluation (common/training.py): config validation naming the field, step/epoch
+"""Local training and evaluation (common/learning/training.py): config validation naming the field, step/epoch
 arithmetic, weights that change and repeat bit for bit on CPU, empty and non-finite data refused, and
 evaluation's accuracy, per-class accuracy and an oracle model's perfect score. A slow test checks that
 the tiny model learns the synthetic corpus."""
@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import synth_corpus
-from common.kws_dataset import DataError, to_arrays
-from common.labels import KS_LABELS
-from common.model import ModelSpec, build_model
-from common.training import Clips, TrainConfig, _lr_factor, evaluate, train
+from common.data import corpus
+from common.data.dataset import DataError, to_arrays
+from common.data.labels import KS_LABELS
+from common.learning.model import ModelSpec, build_model
+from common.learning.training import Clips, TrainConfig, _lr_factor, evaluate, train
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -197,8 +197,8 @@ def test_evaluate_reports_nan_for_labels_without_clips_and_refuses_an_empty_spli
 
 @pytest.mark.slow
 def test_tiny_model_learns_the_synthetic_corpus():
-    corpus = synth_corpus.generate(synth_corpus.SynthSpec(seed=0, per_class=8, eval_per_class=1), progress=False)
-    train_clips = Clips.from_arrays(*to_arrays(corpus["train"]))
+    dd = corpus.generate(corpus.SynthSpec(seed=0, per_class=8, eval_per_class=1), progress=False)
+    train_clips = Clips.from_arrays(*to_arrays(dd["train"]))
     model = build_model(ModelSpec("kws-tiny"))
     before = evaluate(model, train_clips)
     result = train(model, train_clips, TrainConfig(steps=150, batch_size=16, learning_rate=3e-3, warmup_steps=10))

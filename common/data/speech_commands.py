@@ -7,7 +7,7 @@ Local directory (the `speech_commands_v0.01` tarball unpacked), SUPERB KS protoc
   80/10/10 by a hash of (file, clip index), so the assignment never changes;
 - the speaker is the file name's hash prefix (`<speaker>_nohash_<n>.wav`), as the data set defines it.
 Clips not at 16 kHz are resampled (and counted in a warning); multi-channel files are refused
-(common/audio.py). A clip shorter than 1 s is zero-padded, a longer one centre-cropped.
+(common/data/audio.py). A clip shorter than 1 s is zero-padded, a longer one centre-cropped.
 
 Hub: `superb` / `ks` or `google/speech_commands` / `v0.01` through `datasets.load_dataset` (works when
 the hub or a local HF cache is reachable; `HF_DATASETS_OFFLINE=1` uses the cache only). The audio column
@@ -24,9 +24,9 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 from tqdm.auto import tqdm
 
-from common.audio import CLIP_SAMPLES, SAMPLE_RATE, decode_wav, fit_clip, resample
-from common.kws_dataset import DataError, check_splits, make_dataset
-from common.labels import KEYWORDS, LABEL2ID, SILENCE, UNKNOWN
+from common.data.audio import CLIP_SAMPLES, SAMPLE_RATE, decode_wav, fit_clip, resample
+from common.data.dataset import DataError, check_splits, make_dataset
+from common.data.labels import KEYWORDS, LABEL2ID, SILENCE, UNKNOWN
 from common.logs import get_logger
 
 log = get_logger(__name__)

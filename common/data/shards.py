@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 from datasets import Dataset
 
-from common.kws_dataset import DataError
+from common.data.dataset import DataError
 
 KINDS = ("all", "iid", "dirichlet", "speaker")
 

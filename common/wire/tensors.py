@@ -28,7 +28,7 @@ DTYPES: dict[str, torch.dtype] = {
 _NAME_OF = {v: k for k, v in DTYPES.items()}
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
-    raise ImportError("common.tensors assumes a little-endian host")
+    raise ImportError("common.wire.tensors assumes a little-endian host")
 
 
 class TensorFormatError(ValueError):

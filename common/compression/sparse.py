@@ -1,4 +1,4 @@
-"""A sparse delta for one tensor, shared by the update codecs (common/codecs.py) and the FedBuff
+"""A sparse delta for one tensor, shared by the update codecs (common/compression/codecs.py) and the FedBuff
 aggregator (coordinator/aggregator.py), which adds it into its dense buffer without densifying it.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ class SparseTensor:
 
     The aggregator adds it into its dense buffer with ``index_add_`` and never builds a dense copy. (The
     aggregator recognises any object with ``indices``, ``values`` and ``shape`` attributes.) Nothing is
-    validated here: the aggregator validates what it receives, and ``common.codecs.decode`` only builds
+    validated here: the aggregator validates what it receives, and ``common.compression.codecs.decode`` only builds
     SparseTensors whose indices are sorted, unique and in range.
     """
 

@@ -25,9 +25,9 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import ReturnedMessage
 
-from common import messages
-from common.amqp import queue_unavailable_is_retryable
-from common.chunks import DEFAULT_CHUNK_SIZE, CorruptTransfer, Reassembler, is_chunk, publish_chunked
+from common.wire import messages
+from common.transport.connection import queue_unavailable_is_retryable
+from common.wire.chunks import DEFAULT_CHUNK_SIZE, CorruptTransfer, Reassembler, is_chunk, publish_chunked
 from common.logs import get_logger
 
 log = get_logger(__name__)

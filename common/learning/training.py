@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.audio import SAMPLE_RATE, normalize
-from common.kws_dataset import DataError
-from common.labels import KS_LABELS
+from common.data.audio import SAMPLE_RATE, normalize
+from common.data.dataset import DataError
+from common.data.labels import KS_LABELS
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")

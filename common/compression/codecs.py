@@ -15,8 +15,8 @@ At most one stage of each kind, in the order sparsify (topk) -> values (fp16/bf1
 
 ``encode(delta, spec)`` returns an ``EncodedUpdate`` with the bytes, their raw (dense fp32) and wire sizes,
 and ``decoded``: exactly what ``decode`` will reconstruct (bit for bit), computed without decoding, so
-error feedback (common/error_feedback.py) can keep the residual. ``decode(data)`` returns dense float32
-tensors or ``common.sparse.SparseTensor`` (float32 values, sorted unique int64 indices), which the
+error feedback (common/compression/error_feedback.py) can keep the residual. ``decode(data)`` returns dense float32
+tensors or ``common.compression.sparse.SparseTensor`` (float32 values, sorted unique int64 indices), which the
 aggregator adds into its buffer without densifying. Everything is vectorised in torch: the only Python
 loops run over the tensors of a state dict or over the (at most 9) byte positions of a varint.
 
@@ -26,7 +26,7 @@ Wire layout (all little-endian)::
 
     header = {"v": 1, "codec": canonical spec, "body": "raw" | "zlib" | "lzma", "body_len": int,
               "tensors": [[name, shape, layout ("dense" | "sparse"), count, index ("varint" | "bitmap" | None)]]}
-    body   = a common.tensors frame (after the lossless stage, if any) holding, for the i-th tensor,
+    body   = a common.wire.tensors frame (after the lossless stage, if any) holding, for the i-th tensor,
              "<i>.v" (values: f32 | f16 | bf16) or "<i>.q" (int8) + "<i>.s" (f32 block scales),
              and for sparse tensors "<i>.x" (u8: packed indices).
 
@@ -48,8 +48,8 @@ from typing import Callable, Mapping, Union
 import msgpack
 import torch
 
-from common.sparse import SparseTensor
-from common.tensors import DTYPES, TensorFormatError, decode_state, encode_state
+from common.compression.sparse import SparseTensor
+from common.wire.tensors import DTYPES, TensorFormatError, decode_state, encode_state
 
 MAGIC = b"MQC1"
 FORMAT_VERSION = 1

@@ -3,8 +3,8 @@
 Columns:
 - `audio`: 16 000 float32 samples (1 s at 16 kHz, mono), a fixed-length list feature. Not the
   `datasets.Audio` feature: decoding that needs torchcodec, which does not load against every torch;
-  sources decode with soundfile (common/audio.py) instead.
-- `label`: ClassLabel in SUPERB KS order (common/labels.py).
+  sources decode with soundfile (common/data/audio.py) instead.
+- `label`: ClassLabel in SUPERB KS order (common/data/labels.py).
 - `speaker`: who spoke it (a voice+variant for synthetic data, the hash prefix for Speech Commands).
 - `word`: the word spoken (`""` for `_silence_`), so `_unknown_` clips say what they were.
 
@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Sequence, Value
 
-from common.audio import CLIP_SAMPLES
-from common.labels import KS_LABELS
+from common.data.audio import CLIP_SAMPLES
+from common.data.labels import KS_LABELS
 
 SPLITS = ("train", "validation", "test")
 FEATURES = Features({

@@ -1,4 +1,4 @@
-"""A synthetic SUPERB-KS corpus made offline with espeak-ng (common/speech_synth.py).
+"""A synthetic SUPERB-KS corpus made offline with espeak-ng (common/data/espeak.py).
 
 Every clip: one word spoken by one speaker (an espeak-ng English voice + voice variant, e.g.
 `en-gb-scotland+f3`) at a random speed, pitch and pitch range; silence trimmed, scaled to a random peak,
@@ -24,11 +24,11 @@ import numpy as np
 from datasets import DatasetDict, load_from_disk
 from tqdm.auto import tqdm
 
-from common.audio import CLIP_SAMPLES, SAMPLE_RATE, resample
-from common.kws_dataset import SPLITS, DataError, check_splits, make_dataset
-from common.labels import AUXILIARY_WORDS, KS_LABELS, SILENCE, UNKNOWN
+from common.data.audio import CLIP_SAMPLES, SAMPLE_RATE, resample
+from common.data.dataset import SPLITS, DataError, check_splits, make_dataset
+from common.data.labels import AUXILIARY_WORDS, KS_LABELS, SILENCE, UNKNOWN
 from common.logs import get_logger
-from common.speech_synth import Synthesizer, Voice, english_voices
+from common.data.espeak import Synthesizer, Voice, english_voices
 
 log = get_logger(__name__)
 STAMP = "mqfed-synth.json"

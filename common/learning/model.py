@@ -10,7 +10,7 @@
 `save_model(model, dir)` writes the model and its `Wav2Vec2FeatureExtractor` with `save_pretrained`, so
 `transformers.pipeline("audio-classification", model=dir)` loads it. Input normalisation (zero mean,
 unit variance per clip) is the feature extractor's `do_normalize=True`, done in torch by
-`common.audio.normalize` during training and evaluation.
+`common.data.audio.normalize` during training and evaluation.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import torch
 from transformers import (AutoConfig, AutoModelForAudioClassification, Wav2Vec2Config, Wav2Vec2FeatureExtractor,
                           Wav2Vec2ForSequenceClassification)
 
-from common.audio import SAMPLE_RATE
-from common.labels import ID2LABEL, KS_LABELS, LABEL2ID
+from common.data.audio import SAMPLE_RATE
+from common.data.labels import ID2LABEL, KS_LABELS, LABEL2ID
 
 _LABELS = dict(num_labels=len(KS_LABELS), label2id=dict(LABEL2ID), id2label=dict(ID2LABEL))
 

@@ -46,10 +46,10 @@ from typing import Mapping
 import msgpack
 import torch
 
-from common.codecs import CodecError, CodecSpec, EncodedUpdate, encode, parse_codec
+from common.compression.codecs import CodecError, CodecSpec, EncodedUpdate, encode, parse_codec
 from common.logs import get_logger
-from common.sparse import SparseTensor
-from common.tensors import decode_state, encode_state
+from common.compression.sparse import SparseTensor
+from common.wire.tensors import decode_state, encode_state
 
 log = get_logger(__name__)
 
@@ -94,7 +94,7 @@ class ErrorFeedback:
 
         delta: name -> floating-point tensor (any dtype or device; not modified).
         codec: the codec spec (the task's ``codec``); a codec different from the residual's resets it.
-        generator: passed to ``common.codecs.encode`` (stochastic rounding).
+        generator: passed to ``common.compression.codecs.encode`` (stochastic rounding).
         Returns the EncodedUpdate (bytes, raw/wire sizes, decoded). Raises CodecError (bad codec,
         non-finite values; the residual is reset then) or TypeError (an entry that is not a float tensor).
         """
@@ -138,7 +138,7 @@ class ErrorFeedback:
         """Write the residual, experiment and codec to ``path`` atomically (temporary file, fsync, rename).
 
         Layout: ``b"MQEF"`` | u32 LE meta length | msgpack ``{"format", "experiment", "codec"}`` | a
-        common.tensors frame of the residual. Raises OSError when the file cannot be written (the previous
+        common.wire.tensors frame of the residual. Raises OSError when the file cannot be written (the previous
         file, if any, is then left as it was).
         """
         path = os.fspath(path)

@@ -3,7 +3,7 @@
 - A chunk (headers carry `mqfed-transfer`) goes to a `Reassembler`; its delivery is acked once the
   reassembler says it is durably handled. A completed payload waits (by transfer id) for the message that
   references it (`Update.payload.transfer_id`).
-- Any other body is decoded with `common.messages.decode`. Malformed msgpack, an unknown type or schema
+- Any other body is decoded with `common.wire.messages.decode`. Malformed msgpack, an unknown type or schema
   version, a corrupt/incomplete transfer, or a handler raising `MessageError` is rejected with
   `basic_nack(requeue=False)`, so it ends in the queue's dead-letter exchange, with one clear log line; the
   consumer keeps running. Other handler exceptions propagate (the message is then redelivered).
@@ -27,8 +27,8 @@ from typing import Callable
 
 import pika
 
-from common import messages
-from common.chunks import ChunkError, CompletedTransfer, Reassembler, is_chunk
+from common.wire import messages
+from common.wire.chunks import ChunkError, CompletedTransfer, Reassembler, is_chunk
 from common.logs import get_logger
 
 log = get_logger(__name__)
