@@ -13,8 +13,8 @@ import os
 import sys
 
 from broker import definitions, ensure, topology
-from common.transport.connection import connect
 from common.logs import configure
+from common.transport.connection import connect
 
 
 def main(argv: list[str] | None = None) -> int:

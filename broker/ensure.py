@@ -31,8 +31,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from common.transport.connection import amqp_url
 from common.logs import get_logger
+from common.transport.connection import amqp_url
 
 log = get_logger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent

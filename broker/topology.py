@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from common.transport.connection import queue_unavailable_is_retryable
 from common.logs import get_logger
+from common.transport.connection import queue_unavailable_is_retryable
 
 log = get_logger(__name__)
 _NAME_OK = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")

@@ -54,18 +54,21 @@ from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from common.errors import InvalidValue, MqfedError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - pyproject installs tomli on 3.10
     import tomli as tomllib
 
-__all__ = ["ConfigError", "config_to_dict", "dump_toml", "load_config"]
+__all__ = ["ConfigError", "config_to_dict", "dump_toml", "load_config", "parse_overrides", "parse_value", "rule",
+           "validate"]
 
 T = TypeVar("T")
 Flat = dict[str, tuple[Any, str]]  # dotted key -> (value, source), the merged layers
 
 
-class ConfigError(ValueError):
+class ConfigError(MqfedError, ValueError):
     """A configuration was refused; the message names the dotted key and where its value came from."""
 
 
@@ -95,6 +98,77 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, *,
             nested = {part: nested}
         _flatten(cls, nested, "override", "", flat)
     return _build(cls, flat, "", None)
+
+
+def parse_value(raw: str) -> Any:
+    """``raw`` read as a TOML value (``4``, ``1e-3``, ``true``, ``["cpu"]``, ``"x"``), else as the string itself."""
+    try:
+        parsed = tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError:
+        return raw
+    return parsed["v"] if len(parsed) == 1 else raw
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["fedbuff.buffer_size=4", ...]`` (``--set`` flags) as dotted key -> value; raises ConfigError."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. fedbuff.buffer_size=4")
+        out[key.strip()] = parse_value(raw)
+    return out
+
+
+def rule(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, ge: float | None = None,
+         gt: float | None = None, le: float | None = None, lt: float | None = None,
+         choices: tuple[Any, ...] | None = None, what: str | None = None) -> Any:
+    """A dataclass field whose value `validate` also checks against bounds or a set of choices (`what`: how
+    an error message describes a valid value, when the bounds alone would read badly)."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices), ("what", what))
+              if v is not None}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"rule": bounds})
+
+
+_OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("<=", lambda v, b: v <= b),
+        "lt": ("<", lambda v, b: v < b)}
+
+
+def validate(obj: object, name: str | None = None) -> None:
+    """Check every value field of the dataclass ``obj`` against its annotation and its `rule` (bounded numbers
+    must also be finite). Raises InvalidValue ``"<name>.<field> must be <what>, got <value>"`` (name: the
+    config section, default the class name); call it first in ``__post_init__``, then check by hand what
+    spans several fields."""
+    for f, tp in _fields(type(obj)):
+        if _is_section(tp):
+            continue
+        value, bounds = getattr(obj, f.name), f.metadata.get("rule", {})
+        ok = _accepts(tp, value)
+        if ok and value is not None and bounds:
+            if "choices" in bounds:
+                ok = value in bounds["choices"]
+            else:
+                ok = math.isfinite(value) and all(test(value, bounds[k]) for k, (_, test) in _OPS.items() if k in bounds)
+        if not ok:
+            raise InvalidValue(f"{name or type(obj).__name__}.{f.name} must be {_describe(tp, bounds)}, got {value!r}")
+
+
+def _describe(tp: Any, bounds: Mapping[str, Any]) -> str:
+    if "what" in bounds:
+        return bounds["what"]
+    if "choices" in bounds:
+        return "one of " + ", ".join(map(str, bounds["choices"]))
+    args = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (Union, types.UnionType) else [tp]
+    optional = " or None" if len(args) < len(get_args(tp)) else ""
+    low = next(((k, bounds[k]) for k in ("ge", "gt") if k in bounds), None)
+    high = next(((k, bounds[k]) for k in ("le", "lt") if k in bounds), None)
+    if low and high:
+        return f"in {'[' if low[0] == 'ge' else '('}{low[1]}, {high[1]}{']' if high[0] == 'le' else ')'}{optional}"
+    base = {int: "an int", float: "a finite number" if bounds else "a number", bool: "a bool", str: "a string"}
+    text = " or ".join(base.get(a, _type_name(a)) for a in args)
+    for k, v in filter(None, (low, high)):
+        text += f" {_OPS[k][0]} {v}"
+    return text + optional
 
 
 def config_to_dict(obj: object) -> dict[str, Any]:
@@ -189,11 +263,8 @@ def _flatten(cls: type, data: Mapping[str, Any], src: str, prefix: str, flat: Fl
 def _from_env(raw: str, tp: Any, key: str, name: str) -> Any:
     if type(None) in get_args(tp) and raw.strip().lower() in ("", "none"):
         return None
-    try:
-        parsed = tomllib.loads(f"v = {raw}")
-    except tomllib.TOMLDecodeError:
-        return raw
-    return parsed["v"] if len(parsed) == 1 and _accepts(tp, parsed["v"]) else raw
+    value = parse_value(raw)
+    return value if _accepts(tp, value) else raw
 
 
 def _build(cls: type[T], flat: Flat, prefix: str, base: Any) -> T:

@@ -39,8 +39,10 @@ from typing import Iterable, Mapping, Protocol, TypeGuard, Union
 
 import torch
 
+from common.compression.sparse import SparseTensor  # noqa: F401  (re-exported for the aggregator's callers)
+from common.config import rule, validate
+from common.errors import MqfedError
 from common.logs import get_logger
-from common.compression.sparse import SparseTensor  # noqa: F401  (defined in common; re-exported here)
 from coordinator.server_optim import ServerOptimizer, ServerOptimizerConfig
 from coordinator.staleness import STALENESS_WEIGHTINGS, make_staleness_weight
 
@@ -63,7 +65,7 @@ REASONS = (
 )
 
 
-class UpdateRejected(ValueError):
+class UpdateRejected(MqfedError, ValueError):
     """An update failed validation and was not buffered. ``reason`` is one of ``REASONS``."""
 
     def __init__(self, reason: str, message: str) -> None:
@@ -166,38 +168,17 @@ class AggregatorConfig:
     experiment: if set, updates for another experiment are rejected (reason ``experiment``).
     """
 
-    buffer_size: int = 10
-    max_staleness: int | None = 20
-    staleness: str = "polynomial"
-    staleness_a: float = 0.5
-    staleness_b: float = 0.0
+    buffer_size: int = rule(2, ge=1)
+    max_staleness: int | None = rule(10, ge=0)
+    staleness: str = rule("polynomial", choices=tuple(sorted(STALENESS_WEIGHTINGS)))
+    staleness_a: float = rule(0.5, ge=0)
+    staleness_b: float = rule(0.0, ge=0)
     sample_weighting: bool = True
-    max_update_norm: float | None = None
+    max_update_norm: float | None = rule(None, gt=0)
     experiment: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.buffer_size, bool) or not isinstance(self.buffer_size, int) or self.buffer_size < 1:
-            raise ValueError(f"AggregatorConfig.buffer_size must be an int >= 1, got {self.buffer_size!r}")
-        if self.max_staleness is not None and (
-            isinstance(self.max_staleness, bool) or not isinstance(self.max_staleness, int) or self.max_staleness < 0
-        ):
-            raise ValueError(f"AggregatorConfig.max_staleness must be an int >= 0 or None, got {self.max_staleness!r}")
-        if self.staleness not in STALENESS_WEIGHTINGS:
-            known = ", ".join(sorted(STALENESS_WEIGHTINGS))
-            raise ValueError(f"AggregatorConfig.staleness: unknown weighting {self.staleness!r} (known: {known})")
-        for name in ("staleness_a", "staleness_b"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"AggregatorConfig.{name} must be a finite number >= 0, got {value!r}")
-        if not isinstance(self.sample_weighting, bool):
-            raise ValueError(f"AggregatorConfig.sample_weighting must be a bool, got {self.sample_weighting!r}")
-        if self.max_update_norm is not None and (
-            isinstance(self.max_update_norm, bool)
-            or not isinstance(self.max_update_norm, (int, float))
-            or not self.max_update_norm > 0
-            or math.isnan(self.max_update_norm)
-        ):
-            raise ValueError(f"AggregatorConfig.max_update_norm must be > 0 or None, got {self.max_update_norm!r}")
+        validate(self)
 
     @classmethod
     def synchronous(cls, concurrency: int, **overrides) -> "AggregatorConfig":

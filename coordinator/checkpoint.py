@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from common.errors import MqfedError
 from common.failpoints import failpoint
 
 FORMAT = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MqfedError, RuntimeError):
     """The checkpoint exists but cannot be used (unreadable, another experiment, another format)."""
 
 

@@ -14,31 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 
+from common.errors import MqfedError
 from common.logs import configure, get_logger
+from coordinator.experiment import load_experiment
 
 log = get_logger(__name__)
-
-
-def _overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, eq, raw = pair.partition("=")
-        if not eq:
-            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE, e.g. fedbuff.buffer_size=4")
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = raw
-    return out
-
-
-def load_experiment(path: str | None, sets: list[str] | None = None):
-    from common.config import load_config
-    from coordinator.experiment import ExperimentConfig
-
-    return load_config(ExperimentConfig, path, overrides=_overrides(sets or []))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -114,10 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("run_dir")
     args = p.parse_args(argv)
     configure()
-    from common.config import ConfigError
-    from common.data.dataset import DataError
-    from coordinator.checkpoint import CheckpointError
-
     try:
         if args.command == "run":
             return cmd_run(args)
@@ -132,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return cmd_export(args)
         return cmd_report(args)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except MqfedError as exc:
         print(f"mqfed-coordinator {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
     from broker import ensure, topology
     from common.data import corpus
     from common.transport.connection import amqp_url, connect
-    from coordinator.cli import load_experiment
+    from coordinator.experiment import load_experiment
 
     if not ensure.ensure():
         print(ensure.HOW_TO.format(url=ensure.redact(amqp_url())), file=sys.stderr)

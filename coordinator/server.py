@@ -23,8 +23,8 @@ checkpoint, so the deliveries the old channel held are redelivered and applied o
 """
 from __future__ import annotations
 
-import fcntl
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -37,20 +37,26 @@ import numpy as np
 import torch
 
 from broker import topology
-from common.transport.consumer import DEFER, MessageConsumer, publish_message
 from common.compression import codecs
-from common.wire import messages
-from common.transport.connection import RETRYABLE, connect
-from common.wire.chunks import Reassembler
 from common.data.dataset import to_arrays
+from common.errors import MqfedError
 from common.failpoints import failpoint
-from common.logs import get_logger
 from common.learning.model import build_model, parameter_count, save_model
-from common.transport.model_store import ModelStore
-from common.wire.tensors import encode_state
 from common.learning.training import Clips, EvalResult, evaluate
+from common.logs import get_logger
+from common.transport.connection import RETRYABLE, connect
+from common.transport.consumer import DEFER, MessageConsumer, publish_message
+from common.transport.model_store import ModelStore
+from common.wire import messages
+from common.wire.chunks import Reassembler
+from common.wire.tensors import encode_state
 from coordinator import checkpoint
-from coordinator.aggregator import Aggregator, AggregationRecord, ClientUpdate, UpdateRejected
+from coordinator.aggregator import (
+    AggregationRecord,
+    Aggregator,
+    ClientUpdate,
+    UpdateRejected,
+)
 from coordinator.dispatch import Dispatcher
 from coordinator.experiment import ExperimentConfig
 from coordinator.record import RunRecord
@@ -58,7 +64,7 @@ from coordinator.record import RunRecord
 log = get_logger(__name__)
 
 
-class Stop(Exception):
+class Stop(MqfedError):
     """Raised inside the loop when the experiment reached its stop condition."""
 
 

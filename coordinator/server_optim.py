@@ -19,64 +19,13 @@ floating-point leaf tensors. The choice is a plain dict from name to factory, ``
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 
-
-@dataclass(frozen=True)
-class ServerOptimizerConfig:
-    """How the server applies the aggregated delta.
-
-    name: ``sgd`` | ``momentum`` | ``fedadam`` (see ``SERVER_OPTIMIZERS``).
-    lr: the server learning rate (> 0). ``sgd`` with ``lr = 1.0`` is plain FedAvg/FedBuff.
-    momentum: used by ``momentum`` only, in ``[0, 1)``.
-    nesterov: Nesterov momentum, ``momentum`` only.
-    beta1, beta2: Adam's decay rates, ``fedadam`` only, each in ``[0, 1)``.
-    eps: Adam's denominator term (``tau`` in Reddi et al.), ``fedadam`` only, > 0. Reddi et al. tune it
-        in ``[1e-7, 1e-1]``; larger values make the step less adaptive. Default ``1e-3`` after their
-        recommendation.
-    """
-
-    name: str = "sgd"
-    lr: float = 1.0
-    momentum: float = 0.9
-    nesterov: bool = False
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if self.name not in SERVER_OPTIMIZERS:
-            known = ", ".join(sorted(SERVER_OPTIMIZERS))
-            raise ValueError(f"ServerOptimizerConfig.name: unknown server optimizer {self.name!r} (known: {known})")
-        _positive("lr", self.lr)
-        _unit_interval("momentum", self.momentum)
-        _unit_interval("beta1", self.beta1)
-        _unit_interval("beta2", self.beta2)
-        _positive("eps", self.eps)
-        if not isinstance(self.nesterov, bool):
-            raise TypeError("ServerOptimizerConfig.nesterov must be a bool")
-        if self.name == "momentum" and self.nesterov and self.momentum == 0:
-            raise ValueError("ServerOptimizerConfig.nesterov needs momentum > 0")
-
-
-def _number(field: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"ServerOptimizerConfig.{field} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _positive(field: str, value: float) -> None:
-    if _number(field, value) <= 0:
-        raise ValueError(f"ServerOptimizerConfig.{field} must be > 0, got {value!r}")
-
-
-def _unit_interval(field: str, value: float) -> None:
-    if not 0 <= _number(field, value) < 1:
-        raise ValueError(f"ServerOptimizerConfig.{field} must be in [0, 1), got {value!r}")
+from common.config import rule, validate
+from common.errors import InvalidValue
 
 
 def _sgd(params: list[torch.Tensor], cfg: ServerOptimizerConfig) -> torch.optim.Optimizer:
@@ -96,6 +45,35 @@ SERVER_OPTIMIZERS: dict[str, Callable[[list[torch.Tensor], ServerOptimizerConfig
     "momentum": _momentum,
     "fedadam": _fedadam,
 }
+
+
+@dataclass(frozen=True)
+class ServerOptimizerConfig:
+    """How the server applies the aggregated delta.
+
+    name: ``sgd`` | ``momentum`` | ``fedadam`` (see ``SERVER_OPTIMIZERS``).
+    lr: the server learning rate (> 0). ``sgd`` with ``lr = 1.0`` is plain FedAvg/FedBuff.
+    momentum: used by ``momentum`` only, in ``[0, 1)``.
+    nesterov: Nesterov momentum, ``momentum`` only.
+    beta1, beta2: Adam's decay rates, ``fedadam`` only, each in ``[0, 1)``.
+    eps: Adam's denominator term (``tau`` in Reddi et al.), ``fedadam`` only, > 0. Reddi et al. tune it
+        in ``[1e-7, 1e-1]``; larger values make the step less adaptive. Default ``1e-3`` after their
+        recommendation.
+    """
+
+    name: str = rule("sgd", choices=tuple(SERVER_OPTIMIZERS))
+    lr: float = rule(1.0, gt=0)
+    momentum: float = rule(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    beta1: float = rule(0.9, ge=0, lt=1)
+    beta2: float = rule(0.99, ge=0, lt=1)
+    eps: float = rule(1e-3, gt=0)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.name == "momentum" and self.nesterov and self.momentum == 0:
+            raise InvalidValue("ServerOptimizerConfig.nesterov needs momentum > 0")
+
 
 
 class ServerOptimizer:

@@ -12,8 +12,8 @@ import argparse
 import time
 
 from broker import topology
-from common.wire import messages
 from common.transport.connection import connect
+from common.wire import messages
 
 
 def main(args: argparse.Namespace) -> int:

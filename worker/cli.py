@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.errors import MqfedError
 from common.logs import configure, get_logger
 
 log = get_logger(__name__)
@@ -21,10 +22,8 @@ log = get_logger(__name__)
 def _data(args: argparse.Namespace) -> int:
     from datasets import load_from_disk
 
-    from common.data import speech_commands
-
-    from common.data import corpus
-    from common.data.dataset import SPLITS, check_splits, label_counts
+    from common.data import corpus, speech_commands
+    from common.data.dataset import SPLITS, DataError, check_splits, label_counts
     from common.data.shards import select_shard
 
     if args.data_command == "synth":
@@ -43,7 +42,7 @@ def _data(args: argparse.Namespace) -> int:
         try:
             dd = load_from_disk(args.dir)
         except FileNotFoundError as exc:
-            raise SystemExit(f"mqfed-worker data show: {exc}") from None
+            raise DataError(str(exc)) from None
         check_splits(dd, args.dir)
         out = args.dir
     for split in SPLITS:
@@ -83,17 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--experiment", default=None)
     args = p.parse_args(argv)
     configure()
-    if args.command == "data":
-        from common.data.dataset import DataError
-
-        try:
+    try:
+        if args.command == "data":
             return _data(args)
-        except (DataError, ValueError) as exc:
-            print(f"mqfed-worker data {args.data_command}: {exc}", file=sys.stderr)
-            return 2
-    from worker import daemon
+        from worker import daemon
 
-    return daemon.main(args)
+        return daemon.main(args)
+    except MqfedError as exc:
+        command = f"data {args.data_command}" if args.command == "data" else args.command
+        print(f"mqfed-worker {command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

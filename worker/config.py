@@ -20,11 +20,12 @@ chunk_bytes = 8388608            # larger ones travel in chunks of this size (be
 from __future__ import annotations
 
 import dataclasses
-import math
 import socket
 
-from common.wire.messages import MAX_MESSAGE_BYTES
+from common.config import rule, validate
 from common.data.shards import ShardSpec
+from common.errors import InvalidValue
+from common.wire.messages import MAX_MESSAGE_BYTES
 
 INLINE_LIMIT = MAX_MESSAGE_BYTES - 1024 * 1024  # the largest inline update payload (see inline_max_bytes)
 
@@ -37,37 +38,27 @@ class WorkerSection:
     data: str = ".cache/mqfed/synth-ks"
     shard: str = "all"
     cache_dir: str = ""
-    threads: int = 0
-    slowdown: float = 1.0
-    delay_s: float = 0.0
-    heartbeat_s: float = 10.0
-    inline_max_bytes: int = 1024 * 1024
-    chunk_bytes: int = 8 * 1024 * 1024
+    threads: int = rule(0, ge=0)
+    slowdown: float = rule(1.0, ge=1.0)
+    delay_s: float = rule(0.0, ge=0.0)
+    heartbeat_s: float = rule(10.0, ge=0.1)
+    # An inline payload rides inside the update message, which the coordinator refuses above
+    # MAX_MESSAGE_BYTES: leave room for the message's other fields.
+    inline_max_bytes: int = rule(1024 * 1024, ge=1024, le=INLINE_LIMIT, what="an int in [1024, 64 MiB - 1 MiB]")
+    chunk_bytes: int = rule(8 * 1024 * 1024, ge=1024, le=MAX_MESSAGE_BYTES, what="an int in [1024, 64 MiB]")
 
     def __post_init__(self) -> None:
+        validate(self, "worker")
         if not self.node or any(c in self.node for c in " /#*"):
-            raise ValueError(f"worker.node {self.node!r} must be non-empty without spaces, '/', '#' or '*'")
+            raise InvalidValue(f"worker.node {self.node!r} must be non-empty without spaces, '/', '#' or '*'")
         if not self.devices:
-            raise ValueError("worker.devices is empty; give cpu or cuda:N")
+            raise InvalidValue("worker.devices is empty; give cpu or cuda:N")
         for d in self.devices:
             if d != "cpu" and not (d.startswith("cuda:") and d[5:].isdigit()):
-                raise ValueError(f"worker.devices: {d!r} is neither cpu nor cuda:N")
+                raise InvalidValue(f"worker.devices: {d!r} is neither cpu nor cuda:N")
         if len(set(self.devices)) != len(self.devices):
-            raise ValueError(f"worker.devices lists a device twice: {self.devices}")
+            raise InvalidValue(f"worker.devices lists a device twice: {self.devices}")
         ShardSpec.parse(self.shard)
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
-            raise ValueError(f"worker.threads must be an int >= 0, got {self.threads!r}")
-        # An inline payload rides inside the update message, which the coordinator refuses above
-        # MAX_MESSAGE_BYTES: leave room for the message's other fields.
-        limits = {"inline_max_bytes": (INLINE_LIMIT, "64 MiB - 1 MiB"), "chunk_bytes": (64 * 1024 * 1024, "64 MiB")}
-        for name, (high, shown) in limits.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1024 <= value <= high:
-                raise ValueError(f"worker.{name} must be an int in [1024, {shown}], got {value!r}")
-        for name, low in (("slowdown", 1.0), ("delay_s", 0.0), ("heartbeat_s", 0.1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
-                raise ValueError(f"worker.{name} must be a finite number >= {low}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)

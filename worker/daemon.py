@@ -37,26 +37,27 @@ import pika
 import torch
 
 from broker import topology
-from common.transport.consumer import publish_message
-from common.wire import messages
-from common.transport.connection import RETRYABLE, connect
-from common.wire.chunks import publish_chunked
 from common.compression.error_feedback import ErrorFeedback
-from common.failpoints import failpoint
 from common.data.dataset import DataError, to_arrays
-from common.logs import configure, get_logger
-from common.learning.model import ModelSpec, build_model
-from common.transport.model_store import ModelNotFound, ModelStore, default_cache_dir
 from common.data.shards import ShardSpec, select_shard
-from common.wire.tensors import decode_state
+from common.errors import MqfedError
+from common.failpoints import failpoint
+from common.learning.model import ModelSpec, build_model
 from common.learning.training import Clips, TrainConfig, evaluate, train
+from common.logs import configure, get_logger
+from common.transport.connection import RETRYABLE, connect
+from common.transport.consumer import publish_message
+from common.transport.model_store import ModelNotFound, ModelStore, default_cache_dir
+from common.wire import messages
+from common.wire.chunks import publish_chunked
+from common.wire.tensors import decode_state
 from worker.config import WorkerConfig
 
 log = get_logger(__name__)
 TASK_TRAIN_OPTIONS = {f.name for f in dataclasses.fields(TrainConfig)} - {"steps", "batch_size", "learning_rate"}
 
 
-class TaskAborted(Exception):
+class TaskAborted(MqfedError):
     """Training stopped because the daemon is shutting down."""
 
 
@@ -88,7 +89,7 @@ class Trainer:
         self.cache_dir = Path(w.cache_dir) if w.cache_dir else default_cache_dir()
         self.ef_path = self.cache_dir / w.experiment / f"residual-{w.node}-{device.replace(':', '')}.bin"
         if device.startswith("cuda") and (not torch.cuda.is_available() or int(device[5:]) >= torch.cuda.device_count()):
-            raise RuntimeError(f"device {device} is not available (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r},"
+            raise ConfigError(f"worker.devices: {device} is not available (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r},"
                                f" {torch.cuda.device_count() if torch.cuda.is_available() else 0} visible GPUs)")
         self.train_clips, self.val_clips = load_shards(w.data, w.shard)
         self.ef = ErrorFeedback(w.experiment)
@@ -402,16 +403,13 @@ def run_daemon(cfg: WorkerConfig, url: str | None = None) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from common.config import ConfigError, load_config
+    """`mqfed-worker run`: the config from file, MQFED_WORKER_ variables and flags, then the daemon. Raises
+    MqfedError (ConfigError, DataError, ...) for the CLI to print."""
+    from common.config import load_config
 
     overrides = {f"worker.{k}": v for k, v in (("node", args.node), ("data", args.data), ("shard", args.shard),
                                                 ("experiment", args.experiment)) if v is not None}
     if args.devices:
         overrides["worker.devices"] = [d.strip() for d in args.devices.split(",") if d.strip()]
-    try:
-        cfg = load_config(WorkerConfig, args.config, overrides=overrides)
-        return run_daemon(cfg)
-    except (ConfigError, DataError, RuntimeError) as exc:
-        print(f"mqfed-worker: {exc}", file=sys.stderr)
-        return 2
+    return run_daemon(load_config(WorkerConfig, args.config, overrides=overrides))
 

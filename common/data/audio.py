@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from common.errors import MqfedError
+
 if TYPE_CHECKING:
     import torch
 
@@ -19,7 +21,7 @@ SAMPLE_RATE = 16_000
 CLIP_SAMPLES = SAMPLE_RATE  # one second
 
 
-class AudioFormatError(ValueError):
+class AudioFormatError(MqfedError, ValueError):
     """A file or buffer that is not usable audio (unreadable, multi-channel, empty); the message names it."""
 
 

@@ -24,11 +24,12 @@ import numpy as np
 from datasets import DatasetDict, load_from_disk
 from tqdm.auto import tqdm
 
+from common.config import rule, validate
 from common.data.audio import CLIP_SAMPLES, SAMPLE_RATE, resample
 from common.data.dataset import SPLITS, DataError, check_splits, make_dataset
+from common.data.espeak import Synthesizer, Voice, english_voices
 from common.data.labels import AUXILIARY_WORDS, KS_LABELS, SILENCE, UNKNOWN
 from common.logs import get_logger
-from common.data.espeak import Synthesizer, Voice, english_voices
 
 log = get_logger(__name__)
 STAMP = "mqfed-synth.json"
@@ -45,17 +46,12 @@ class SynthSpec:
     eval_per_class: validation and test clips per label each (default: per_class // 4, at least 10).
     """
 
-    seed: int = 0
-    per_class: int = 300
-    eval_per_class: int | None = None
+    seed: int = rule(0, ge=0)
+    per_class: int = rule(300, ge=1)
+    eval_per_class: int | None = rule(None, ge=1)
 
     def __post_init__(self) -> None:
-        for name in ("seed", "per_class"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
-                raise ValueError(f"SynthSpec.{name} must be an int >= {0 if name == 'seed' else 1}, got {value!r}")
-        if self.eval_per_class is not None and (not isinstance(self.eval_per_class, int) or self.eval_per_class < 1):
-            raise ValueError(f"SynthSpec.eval_per_class must be an int >= 1, got {self.eval_per_class!r}")
+        validate(self)
 
     def count(self, split: str) -> int:
         if split == "train":

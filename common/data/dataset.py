@@ -16,10 +16,19 @@ from typing import Sequence as Seq
 
 import numpy as np
 import pyarrow as pa
-from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Sequence, Value
+from datasets import (
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    DatasetInfo,
+    Features,
+    Sequence,
+    Value,
+)
 
 from common.data.audio import CLIP_SAMPLES
 from common.data.labels import KS_LABELS
+from common.errors import MqfedError
 
 SPLITS = ("train", "validation", "test")
 FEATURES = Features({
@@ -30,7 +39,7 @@ FEATURES = Features({
 })
 
 
-class DataError(ValueError):
+class DataError(MqfedError, ValueError):
     """A data set that does not have the keyword-spotting format, or a split/shard that is empty."""
 
 

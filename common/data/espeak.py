@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.errors import MqfedError
+
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _ESPEAK_RATE, _ESPEAK_PITCH, _ESPEAK_RANGE = 1, 3, 4
 _POS_CHARACTER = 1
@@ -22,7 +24,7 @@ _ESPEAK_CHARS_AUTO = 0
 _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
 
-class SynthesisUnavailable(RuntimeError):
+class SynthesisUnavailable(MqfedError, RuntimeError):
     """libespeak-ng could not be found or initialised."""
 
 

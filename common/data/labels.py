@@ -1,6 +1,8 @@
 """The SUPERB keyword-spotting label set, in SUPERB KS order."""
 from __future__ import annotations
 
+from common.errors import MqfedError
+
 KEYWORDS: tuple[str, ...] = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 SILENCE = "_silence_"
 UNKNOWN = "_unknown_"
@@ -16,7 +18,7 @@ LABEL2ID: dict[str, int] = {name: i for i, name in enumerate(KS_LABELS)}
 ID2LABEL: dict[int, str] = dict(enumerate(KS_LABELS))
 
 
-class UnknownLabelError(ValueError):
+class UnknownLabelError(MqfedError, ValueError):
     """A label outside the twelve SUPERB KS labels."""
 
 

@@ -35,11 +35,11 @@ class ShardSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"shard kind {self.kind!r} unknown; known: {', '.join(KINDS)}")
+            raise DataError(f"shard kind {self.kind!r} unknown; known: {', '.join(KINDS)}")
         if not (isinstance(self.world, int) and self.world >= 1 and isinstance(self.rank, int) and 1 <= self.rank <= self.world):
-            raise ValueError(f"shard rank/world {self.rank}/{self.world}: need 1 <= rank <= world")
+            raise DataError(f"shard rank/world {self.rank}/{self.world}: need 1 <= rank <= world")
         if not self.alpha > 0:
-            raise ValueError(f"shard alpha must be > 0, got {self.alpha}")
+            raise DataError(f"shard alpha must be > 0, got {self.alpha}")
 
     @classmethod
     def parse(cls, text: str) -> "ShardSpec":
@@ -48,19 +48,19 @@ class ShardSpec:
         if parts == ["all"]:
             return cls()
         if len(parts) < 2 or "/" not in parts[1]:
-            raise ValueError(f"shard spec {text!r}: expected KIND:RANK/WORLD[:key=value], e.g. iid:1/2")
+            raise DataError(f"shard spec {text!r}: expected KIND:RANK/WORLD[:key=value], e.g. iid:1/2")
         rank, _, world = parts[1].partition("/")
         options: dict = {}
         for opt in parts[2:]:
             key, eq, value = opt.partition("=")
             if not eq or key not in ("alpha", "seed"):
-                raise ValueError(f"shard spec {text!r}: unknown option {opt!r} (known: alpha=, seed=)")
+                raise DataError(f"shard spec {text!r}: unknown option {opt!r} (known: alpha=, seed=)")
             options[key] = value
         try:
             return cls(parts[0], int(rank), int(world), alpha=float(options.get("alpha", 0.5)),
                        seed=int(options.get("seed", 0)))
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"shard spec {text!r}: {exc}") from None
+            raise DataError(f"shard spec {text!r}: {exc}") from None
 
     def __str__(self) -> str:
         if self.kind == "all":

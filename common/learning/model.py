@@ -18,11 +18,17 @@ import dataclasses
 import os
 
 import torch
-from transformers import (AutoConfig, AutoModelForAudioClassification, Wav2Vec2Config, Wav2Vec2FeatureExtractor,
-                          Wav2Vec2ForSequenceClassification)
+from transformers import (
+    AutoConfig,
+    AutoModelForAudioClassification,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2ForSequenceClassification,
+)
 
 from common.data.audio import SAMPLE_RATE
 from common.data.labels import ID2LABEL, KS_LABELS, LABEL2ID
+from common.errors import MqfedError
 
 _LABELS = dict(num_labels=len(KS_LABELS), label2id=dict(LABEL2ID), id2label=dict(ID2LABEL))
 
@@ -46,6 +52,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
+class ModelLoadError(MqfedError, OSError):
+    """A model name that is neither a preset nor loadable (hub id or local directory)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """Which model to build.
@@ -61,7 +71,7 @@ class ModelSpec:
 
 
 def build_model(spec: ModelSpec = ModelSpec(), weights: bool = True) -> Wav2Vec2ForSequenceClassification:
-    """A KS classifier for `spec` (see the module doc). Raises ValueError/OSError naming the model.
+    """A KS classifier for `spec` (see the module doc). Raises ModelLoadError naming the model.
 
     weights=False builds a hub/local model from its config only (random init, nothing but the config
     read): what a worker needs before it loads a model version from the coordinator.
@@ -79,7 +89,7 @@ def build_model(spec: ModelSpec = ModelSpec(), weights: bool = True) -> Wav2Vec2
                 model = AutoModelForAudioClassification.from_config(config)
         except OSError as exc:
             known = ", ".join(PRESETS)
-            raise OSError(f"model {spec.name!r} is neither a preset ({known}) nor loadable: {exc}") from exc
+            raise ModelLoadError(f"model {spec.name!r} is neither a preset ({known}) nor loadable: {exc}") from exc
     if spec.freeze_feature_encoder:
         model.freeze_feature_encoder()
     return model

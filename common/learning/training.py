@@ -18,12 +18,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.config import rule, validate
 from common.data.audio import SAMPLE_RATE, normalize
 from common.data.dataset import DataError
 from common.data.labels import KS_LABELS
+from common.errors import InvalidValue, MqfedError
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
+
+
+class TrainingDiverged(MqfedError, FloatingPointError):
+    """The training loss became NaN or infinite."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,48 +68,23 @@ class TrainConfig:
     seed: batch order, augmentation and dropout.
     """
 
-    steps: int = 0
-    epochs: float = 0.0
-    batch_size: int = 32
-    learning_rate: float = 2e-3
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    optimizer: str = "adamw"
-    time_shift_s: float = 0.1
-    seed: int = 0
-    label_smoothing: float = 0.1
+    steps: int = rule(0, ge=0)
+    epochs: float = rule(0.0, ge=0)
+    batch_size: int = rule(32, ge=1)
+    learning_rate: float = rule(2e-3, gt=0)
+    warmup_steps: int = rule(0, ge=0)
+    schedule: str = rule("constant", choices=SCHEDULES)
+    weight_decay: float = rule(0.0, ge=0)
+    max_grad_norm: float | None = rule(1.0, gt=0)
+    optimizer: str = rule("adamw", choices=OPTIMIZERS)
+    time_shift_s: float = rule(0.1, ge=0)
+    seed: int = rule(0, ge=0)
+    label_smoothing: float = rule(0.1, ge=0, lt=1)
 
     def __post_init__(self) -> None:
-        def bad(field: str, want: str):
-            raise ValueError(f"TrainConfig.{field} must be {want}, got {getattr(self, field)!r}")
-
-        for f in ("steps", "warmup_steps", "seed"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                bad(f, "an int >= 0")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            bad("batch_size", "an int >= 1")
-        for f in ("epochs", "weight_decay", "time_shift_s"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                bad(f, "a finite number >= 0")
-        lr = self.learning_rate
-        if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            bad("learning_rate", "a finite number > 0")
-        ls = self.label_smoothing
-        if isinstance(ls, bool) or not (isinstance(ls, (int, float)) and 0 <= ls < 1):
-            bad("label_smoothing", "a number in [0, 1)")
+        validate(self)
         if self.steps == 0 and self.epochs == 0:
-            raise ValueError("TrainConfig: set steps or epochs (both are 0)")
-        if self.schedule not in SCHEDULES:
-            bad("schedule", f"one of {SCHEDULES}")
-        if self.optimizer not in OPTIMIZERS:
-            bad("optimizer", f"one of {OPTIMIZERS}")
-        norm = self.max_grad_norm
-        if norm is not None and (isinstance(norm, bool) or not (isinstance(norm, (int, float)) and norm > 0)):
-            bad("max_grad_norm", "> 0 or None")
+            raise InvalidValue("TrainConfig: set steps or epochs (both are 0)")
 
     def total_steps(self, n: int) -> int:
         return self.steps or max(1, math.ceil(self.epochs * n / self.batch_size))
@@ -166,7 +147,7 @@ def train(model: torch.nn.Module, clips: Clips, config: TrainConfig, device: str
     """Train `model` in place on `clips`; returns loss, samples, seconds and steps.
 
     on_step(step, total, loss) is called after each step (progress bars, heartbeats).
-    Raises DataError when `clips` is empty, FloatingPointError when the loss becomes non-finite.
+    Raises DataError when `clips` is empty, TrainingDiverged when the loss becomes non-finite.
     """
     if len(clips) == 0:
         raise DataError("cannot train on an empty shard")
@@ -197,7 +178,7 @@ def train(model: torch.nn.Module, clips: Clips, config: TrainConfig, device: str
             logits = model(input_values=x).logits
         loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step}")
+            raise TrainingDiverged(f"training loss became {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.max_grad_norm is not None:

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, TypeVar
 import pika
 import pika.exceptions
 
+from common.errors import MqfedError
 from common.logs import get_logger
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
@@ -25,7 +26,7 @@ T = TypeVar("T")
 QUEUE_DOWN = "is down or inaccessible"
 
 
-class QueueUnavailable(pika.exceptions.ChannelClosedByBroker):
+class QueueUnavailable(MqfedError, pika.exceptions.ChannelClosedByBroker):
     """The broker answers, but a durable queue of ours is not back yet: RabbitMQ closed the channel with
     404 "home node ... of durable queue ... is down or inaccessible".
 

@@ -27,9 +27,9 @@ from typing import Callable
 
 import pika
 
+from common.logs import get_logger
 from common.wire import messages
 from common.wire.chunks import ChunkError, CompletedTransfer, Reassembler, is_chunk
-from common.logs import get_logger
 
 log = get_logger(__name__)
 Handler = Callable[[messages.Message, "CompletedTransfer | None"], object]

@@ -25,10 +25,17 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import ReturnedMessage
 
-from common.wire import messages
-from common.transport.connection import queue_unavailable_is_retryable
-from common.wire.chunks import DEFAULT_CHUNK_SIZE, CorruptTransfer, Reassembler, is_chunk, publish_chunked
+from common.errors import MqfedError
 from common.logs import get_logger
+from common.transport.connection import queue_unavailable_is_retryable
+from common.wire import messages
+from common.wire.chunks import (
+    DEFAULT_CHUNK_SIZE,
+    CorruptTransfer,
+    Reassembler,
+    is_chunk,
+    publish_chunked,
+)
 
 log = get_logger(__name__)
 H_VERSION = "mqfed-version"
@@ -105,7 +112,7 @@ class _ConfirmWindow:
             self.channel.close()
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(MqfedError, LookupError):
     """The requested version is not (or no longer) in the model index."""
 
 

@@ -29,13 +29,15 @@ import uuid
 import zlib
 from typing import Any, BinaryIO, Callable, Iterator
 
+from common.errors import MqfedError
+
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
 H_TRANSFER, H_INDEX, H_COUNT = "mqfed-transfer", "mqfed-chunk", "mqfed-chunks"
 H_SIZE, H_CHUNK_SIZE, H_SHA256, H_CRC = "mqfed-size", "mqfed-chunk-size", "mqfed-sha256", "mqfed-crc32"
 _READ_BLOCK = 1024 * 1024
 
 
-class ChunkError(Exception):
+class ChunkError(MqfedError):
     """Base of chunked-transfer errors; `tokens` are the acknowledgement tokens to reject."""
 
     def __init__(self, message: str, transfer_id: str | None = None, tokens: list | None = None):

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import msgpack
 
+from common.errors import MqfedError
+
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # inline payloads are limited to this; bigger ones travel chunked
 _MAX_STR = 1024 * 1024
@@ -21,7 +23,7 @@ _MAX_ARRAY = 100_000
 _MAX_MAP = 100_000
 
 
-class MessageError(ValueError):
+class MessageError(MqfedError, ValueError):
     """Base of every decoding/validation error."""
 
 

@@ -23,10 +23,10 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from broker import ensure, topology  # noqa: E402
-from common.data import corpus  # noqa: E402
-from common.transport.connection import amqp_url, connect  # noqa: E402
 from common.config import load_config  # noqa: E402
+from common.data import corpus  # noqa: E402
 from common.logs import configure  # noqa: E402
+from common.transport.connection import amqp_url, connect  # noqa: E402
 from coordinator.experiment import ExperimentConfig  # noqa: E402
 from coordinator.local_federation import LocalFederation  # noqa: E402
 

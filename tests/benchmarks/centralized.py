@@ -23,9 +23,9 @@ import torch  # noqa: E402
 
 from common.data import corpus  # noqa: E402
 from common.data.dataset import to_arrays  # noqa: E402
-from common.logs import configure  # noqa: E402
 from common.learning.model import ModelSpec, build_model, parameter_count  # noqa: E402
 from common.learning.training import SCHEDULES, Clips, TrainConfig, evaluate, train  # noqa: E402
+from common.logs import configure  # noqa: E402
 
 # Defaults for kws-tiny on the synthetic corpus (see common/learning/model.py PRESETS for what they reach).
 STEPS = 4000

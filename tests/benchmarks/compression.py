@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from common.compression.codecs import DEFAULT_CODEC, encode, decode  # noqa: E402
+from common.compression.codecs import DEFAULT_CODEC, decode, encode  # noqa: E402
 from common.compression.error_feedback import ErrorFeedback  # noqa: E402
 from common.compression.sparse import SparseTensor  # noqa: E402
 
@@ -128,8 +128,8 @@ def _federated_accuracy(codec: str, args: argparse.Namespace) -> dict:
     import uuid
 
     from broker import topology
-    from common.transport.connection import connect
     from common.config import load_config
+    from common.transport.connection import connect
     from coordinator.demo import DEMO_SETTINGS
     from coordinator.experiment import ExperimentConfig
     from coordinator.local_federation import LocalFederation

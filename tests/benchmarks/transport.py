@@ -31,12 +31,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import pika  # noqa: E402
 
 from broker import topology  # noqa: E402
-from common.transport.consumer import MessageConsumer, publish_message  # noqa: E402
-from common.wire import messages  # noqa: E402
-from common.transport.connection import connect, parameters  # noqa: E402
 from common.logs import configure  # noqa: E402
-from common.wire.chunks import DEFAULT_CHUNK_SIZE, Reassembler, publish_chunked  # noqa: E402
+from common.transport.connection import connect, parameters  # noqa: E402
+from common.transport.consumer import MessageConsumer, publish_message  # noqa: E402
 from common.transport.model_store import ModelStore, _close_without_reject  # noqa: E402
+from common.wire import messages  # noqa: E402
+from common.wire.chunks import DEFAULT_CHUNK_SIZE, Reassembler, publish_chunked  # noqa: E402
 
 MB = 1024 * 1024
 

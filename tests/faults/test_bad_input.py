@@ -41,10 +41,10 @@ import structlog
 import torch
 
 from broker import topology
-from common.transport.consumer import publish_message
 from common.compression import codecs
-from common.wire import messages
 from common.transport.connection import connect
+from common.transport.consumer import publish_message
+from common.wire import messages
 from common.wire.chunks import publish_chunked
 from common.wire.tensors import decode_state, encode_state
 

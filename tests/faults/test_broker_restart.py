@@ -123,10 +123,10 @@ def _session_like_the_daemons(url: str, topo, cache: Path, version: int) -> None
     the topology, read the model index, fetch and publish a model version, publish a task with confirms,
     take one task from the quorum queue."""
     from broker import topology
-    from common.transport.consumer import publish_message
-    from common.wire import messages
     from common.transport.connection import connect
+    from common.transport.consumer import publish_message
     from common.transport.model_store import ModelStore
+    from common.wire import messages
 
     conn = connect("test", device="hammer", url=url, attempts=1)
     try:
@@ -218,11 +218,11 @@ def test_a_connection_lost_right_after_a_checkpoint_leaves_the_version_in_the_ru
     import torch
 
     from broker import topology
-    from common.transport.consumer import MessageConsumer, publish_message
     from common.compression import codecs
-    from common.wire import messages
-    from common.transport.connection import connect
     from common.config import load_config
+    from common.transport.connection import connect
+    from common.transport.consumer import MessageConsumer, publish_message
+    from common.wire import messages
     from coordinator.experiment import ExperimentConfig
     from coordinator.local_federation import read_record
     from coordinator.server import Coordinator

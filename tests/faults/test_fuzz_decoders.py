@@ -43,10 +43,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from common.compression import codecs
-
+from common.compression.sparse import SparseTensor
 from common.wire import messages
 from common.wire.chunks import ChunkError, Reassembler, publish_chunked
-from common.compression.sparse import SparseTensor
 from common.wire.tensors import TensorFormatError, decode_state, encode_state
 from coordinator import checkpoint
 from coordinator.aggregator import Aggregator, AggregatorConfig, ClientUpdate, UpdateRejected

@@ -11,12 +11,13 @@ import pika
 import pytest
 import torch
 
-from common.transport.consumer import publish_message
 from common.compression import codecs
-from common.wire import messages
 from common.transport.connection import connect
+from common.transport.consumer import publish_message
 from common.transport.model_store import ModelStore
+from common.wire import messages
 from common.wire.tensors import decode_state
+
 from . import federation
 
 pytestmark = pytest.mark.integration

@@ -7,9 +7,9 @@ import time
 import pika
 import pytest
 
+from common.transport.model_store import H_VERSION, ModelNotFound, ModelStore
 from common.wire import messages
 from common.wire.chunks import publish_chunked
-from common.transport.model_store import H_VERSION, ModelNotFound, ModelStore
 
 pytestmark = pytest.mark.integration
 

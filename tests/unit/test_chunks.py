@@ -4,7 +4,12 @@ import random
 import pytest
 
 from common.wire.chunks import (
-    H_CRC, CorruptTransfer, IncompleteTransfer, InvalidChunk, Reassembler, publish_chunked,
+    H_CRC,
+    CorruptTransfer,
+    IncompleteTransfer,
+    InvalidChunk,
+    Reassembler,
+    publish_chunked,
 )
 
 

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, dump_toml, load_config
+from common.config import ConfigError, dump_toml, load_config, parse_overrides
 from common.learning.training import TrainConfig
 from coordinator.aggregator import AggregatorConfig
-from coordinator.cli import _overrides
 from coordinator.experiment import ExperimentConfig
 from worker.config import WorkerConfig
 
@@ -178,7 +177,7 @@ def test_environment_overrides_the_file(tmp_path):
 
 
 def test_set_overrides_are_parsed_as_typed_toml_values(tmp_path):
-    sets = _overrides(["fedbuff.buffer_size=4", "experiment.name=abc", "stop.max_wall_s=1.5",
+    sets = parse_overrides(["fedbuff.buffer_size=4", "experiment.name=abc", "stop.max_wall_s=1.5",
                        "fedbuff.sample_weighting=false", 'tasks.codec="none"', "fedbuff.max_update_norm = 2"])
     assert sets == {"fedbuff.buffer_size": 4, "experiment.name": "abc", "stop.max_wall_s": 1.5,
                     "fedbuff.sample_weighting": False, "tasks.codec": "none", "fedbuff.max_update_norm": 2}
@@ -188,8 +187,8 @@ def test_set_overrides_are_parsed_as_typed_toml_values(tmp_path):
     assert cfg.fedbuff.buffer_size == 4  # --set beats the environment, which beats the file
     assert (cfg.experiment.name, cfg.stop.max_wall_s, cfg.tasks.codec) == ("abc", 1.5, "none")
     assert cfg.fedbuff.max_update_norm == 2.0 and cfg.fedbuff.sample_weighting is False
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
-        _overrides(["fedbuff.buffer_size"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["fedbuff.buffer_size"])
 
 
 def test_sync_mode_sets_k_staleness_and_weighting_whatever_the_file_says(tmp_path):

@@ -13,14 +13,12 @@ import pytest
 import soundfile
 from datasets import Audio, ClassLabel, Dataset, DatasetDict, Features, Value, load_from_disk
 
-from common.data import speech_commands
-
-from common.data import corpus
+from common.data import corpus, speech_commands
 from common.data.audio import CLIP_SAMPLES, SAMPLE_RATE, AudioFormatError
-from common.data.dataset import SPLITS, DataError, check_splits, label_counts
-from common.data.labels import KEYWORDS, KS_LABELS, LABEL2ID, SILENCE, UNKNOWN, UnknownLabelError, label_id
-from common.data.espeak import Synthesizer, Voice
 from common.data.corpus import SynthSpec
+from common.data.dataset import SPLITS, DataError, check_splits, label_counts
+from common.data.espeak import Synthesizer, Voice
+from common.data.labels import KEYWORDS, KS_LABELS, LABEL2ID, SILENCE, UNKNOWN, UnknownLabelError, label_id
 from worker import cli
 
 SUPERB_KS_LABELS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "_silence_", "_unknown_"]

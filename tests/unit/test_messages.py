@@ -1,6 +1,7 @@
 import msgpack
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from common.wire import messages as m
 
