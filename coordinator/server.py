@@ -23,7 +23,6 @@ checkpoint, so the deliveries the old channel held are redelivered and applied o
 """
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import math
@@ -44,9 +43,10 @@ from common.failpoints import failpoint
 from common.learning.model import build_model, parameter_count, save_model
 from common.learning.training import Clips, EvalResult, evaluate
 from common.logs import get_logger
-from common.transport.connection import RETRYABLE, connect
-from common.transport.consumer import DEFER, MessageConsumer, publish_message
+from common.transport.connection import connect, run_forever
+from common.transport.consumer import Delivery, MessageConsumer, Outcome
 from common.transport.model_store import ModelStore
+from common.transport.publish import publish_message
 from common.wire import messages
 from common.wire.chunks import Reassembler
 from common.wire.tensors import encode_state
@@ -204,17 +204,10 @@ class Coordinator:
             return {"stopped": "standby"}
         if self.fresh:
             self._start_over()
-        delay = 0.5
         try:
-            while True:
-                try:
-                    return self._session()
-                except RETRYABLE as exc:
-                    if self._stop_requested.is_set():
-                        return self.summary("signal")
-                    log.warning("coordinator_connection_lost", error=repr(exc), retry_in_s=delay)
-                    self._stop_requested.wait(delay)
-                    delay = min(30.0, delay * 2)
+            summary = run_forever(self._session, "coordinator", self.node, self.name, self.url,
+                                  stop=self._stop_requested)
+            return summary if summary is not None else self.summary("signal")
         finally:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
@@ -232,55 +225,47 @@ class Coordinator:
         log.info("experiment_reset", experiment=self.name, run_dir=str(self.run_dir))
         self.fresh = False
 
-    def _session(self) -> dict:
+    def _session(self, conn) -> dict:
         """One broker connection's worth of work; resumes from the checkpoint first."""
         self._resume()
         self._session_start = time.monotonic()
-        conn = connect("coordinator", self.node, self.name, self.url, max_delay=10.0, stop=self._stop_requested.is_set)
+        ch = conn.channel()
+        topology.declare(ch, self.topo)
+        self.pub = conn.channel()
+        self.pub.confirm_delivery()
+        self.store = ModelStore(self.pub, self.topo, cache_dir=self.run_dir / "model-cache")
+        latest = self.store.latest()
+        if latest is not None and latest.version > self.version:
+            raise checkpoint.CheckpointError(
+                f"the broker holds model version {latest.version} of {self.name} but the checkpoint in"
+                f" {self.run_dir} is at version {self.version}: point experiment.run_dir at this experiment's"
+                f" run directory, or start over with --fresh (deletes the experiment's queues)")
+        if latest is None or latest.version < self.version:
+            self._publish_model()
+        events = conn.channel()
+        q = events.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        for key in ("registration.#", "heartbeat.#", "metrics.#"):
+            events.queue_bind(q, self.topo.events, routing_key=key)
+        events.basic_consume(q, self._on_event, auto_ack=True)
+        prefetch = max(16, 2 * self.aggregator.config.buffer_size + 8)
+        self.consumer = MessageConsumer(conn.channel(), self.topo.updates, self._on_update, prefetch=prefetch,
+                                        reassembler=Reassembler(spill_threshold=0, spool_dir=str(self.run_dir),
+                                                                    timeout_s=self.cfg.tasks.transfer_timeout_s),
+                                        consumer_tag=f"coordinator:{self.node or os.uname().nodename}:{os.getpid()}")
+        log.info("coordinator_started", experiment=self.name, version=self.version, mode=self.cfg.fedbuff.mode,
+                 params=parameter_count(self.model), concurrency=self.cfg.fedbuff.concurrency,
+                 buffer_size=self.aggregator.config.buffer_size)
         try:
-            ch = conn.channel()
-            topology.declare(ch, self.topo)
-            self.pub = conn.channel()
-            self.pub.confirm_delivery()
-            self.store = ModelStore(self.pub, self.topo, cache_dir=self.run_dir / "model-cache")
-            latest = self.store.latest()
-            if latest is not None and latest.version > self.version:
-                raise checkpoint.CheckpointError(
-                    f"the broker holds model version {latest.version} of {self.name} but the checkpoint in"
-                    f" {self.run_dir} is at version {self.version}: point experiment.run_dir at this experiment's"
-                    f" run directory, or start over with --fresh (deletes the experiment's queues)")
-            if latest is None or latest.version < self.version:
-                self._publish_model()
-            events = conn.channel()
-            q = events.queue_declare("", exclusive=True, auto_delete=True).method.queue
-            for key in ("registration.#", "heartbeat.#", "metrics.#"):
-                events.queue_bind(q, self.topo.events, routing_key=key)
-            events.basic_consume(q, self._on_event, auto_ack=True)
-            prefetch = max(16, 2 * self.aggregator.config.buffer_size + 8)
-            self.consumer = MessageConsumer(conn.channel(), self.topo.updates, self._on_update, prefetch=prefetch,
-                                            reassembler=Reassembler(spill_threshold=0, spool_dir=str(self.run_dir),
-                                                                        timeout_s=self.cfg.tasks.transfer_timeout_s),
-                                            consumer_tag=f"coordinator:{self.node or os.uname().nodename}:{os.getpid()}")
-            log.info("coordinator_started", experiment=self.name, version=self.version, mode=self.cfg.fedbuff.mode,
-                     params=parameter_count(self.model), concurrency=self.cfg.fedbuff.concurrency,
-                     buffer_size=self.aggregator.config.buffer_size)
-            try:
-                while True:
-                    self._check_stop()
-                    self._dispatch()
-                    self.consumer.poll(conn, 0.2)
-                    expired = self.dispatcher.expire(time.time())
-                    if expired:
-                        self.counters["tasks_expired"] += len(expired)
-                        log.warning("tasks_expired", count=len(expired), version=self.version)
-            except Stop as stop:
-                return self._finish(str(stop), ch)
-        finally:
-            if conn.is_open:
-                try:
-                    conn.close()
-                except Exception:  # closing a broken connection
-                    pass
+            while True:
+                self._check_stop()
+                self._dispatch()
+                self.consumer.poll(conn, 0.2)
+                expired = self.dispatcher.expire(time.time())
+                if expired:
+                    self.counters["tasks_expired"] += len(expired)
+                    log.warning("tasks_expired", count=len(expired), version=self.version)
+        except Stop as stop:
+            return self._finish(str(stop), ch)
 
     def _check_stop(self) -> None:
         s = self.cfg.stop
@@ -333,14 +318,10 @@ class Coordinator:
     # -- messages ----------------------------------------------------------------------------------------
     def _dispatch(self) -> None:
         for planned in self.dispatcher.to_issue(self.version, time.time()):
-            local = self.cfg.local
             task = messages.TrainTask(
                 experiment=self.name, task_id=planned.task_id, min_version=planned.min_version,
-                local_steps=local.steps, batch_size=local.batch_size, learning_rate=local.learning_rate,
-                deadline_unix=planned.deadline_unix, codec=self.cfg.tasks.codec, local_epochs=0,
-                options={"model": self.cfg.model.name, "freeze_feature_encoder": self.cfg.model.freeze_feature_encoder,
-                         **{k: v for k, v in dataclasses.asdict(local).items()
-                            if k not in ("steps", "batch_size", "learning_rate")}})  # seed too: mixed per task
+                deadline_unix=planned.deadline_unix, codec=self.cfg.tasks.codec, model=self.cfg.model.name,
+                freeze_feature_encoder=self.cfg.model.freeze_feature_encoder, local=self.cfg.local)
             publish_message(self.pub, self.topo.work_exchange, self.topo.TASKS_KEY, task, message_id=planned.task_id,
                             expiration=str(int(self.cfg.tasks.deadline_s * 1000)))
 
@@ -363,7 +344,8 @@ class Coordinator:
                                 "time_s": round(self.elapsed(), 2), **msg.values})
             log.info("federated_eval", worker=msg.source, version=msg.version, **msg.values)
 
-    def _on_update(self, msg: messages.Message, payload) -> object:
+    def _on_update(self, delivery: Delivery) -> Outcome:
+        msg, payload = delivery.message, delivery.payload
         if not isinstance(msg, messages.Update):
             raise messages.InvalidField(f"{messages.type_tag(msg)} message on the updates queue")
         data = payload.read_bytes() if payload is not None else msg.payload.inline
@@ -386,19 +368,19 @@ class Coordinator:
             self.dispatcher.finished(msg.task_id, False, version)
             if exc.reason == "stale":
                 self.counters["stale_dropped"] += 1
-                return None  # acknowledged, counted, dropped
+                return Outcome.ACK  # acknowledged, counted, dropped
             self.counters["dead_lettered"] += 1
             raise messages.InvalidField(f"update {msg.task_id} from {msg.worker_id} rejected: {exc}") from None
         self.dispatcher.finished(msg.task_id, result.status == "accepted", version)
         if result.status == "duplicate":
-            return None
-        self.pending_acks.append(self.consumer.current_tag)
+            return Outcome.ACK
+        self.pending_acks.append(delivery.tag)
         failpoint("coordinator.after_buffer")
         self.window["wire"] += msg.wire_bytes
         self.window["raw"] += msg.raw_bytes
         if result.record is not None:
             self._new_version(result.record)
-        return DEFER
+        return Outcome.DEFER
 
     # -- versions ----------------------------------------------------------------------------------------
     def _evaluate(self) -> EvalResult:

@@ -27,7 +27,6 @@ import dataclasses
 import multiprocessing as mp
 import os
 import signal
-import sys
 import threading
 import time
 import zlib
@@ -38,27 +37,31 @@ import torch
 
 from broker import topology
 from common.compression.error_feedback import ErrorFeedback
+from common.config import ConfigError
 from common.data.dataset import DataError, to_arrays
 from common.data.shards import ShardSpec, select_shard
 from common.errors import MqfedError
 from common.failpoints import failpoint
 from common.learning.model import ModelSpec, build_model
-from common.learning.training import Clips, TrainConfig, evaluate, train
+from common.learning.training import Clips, evaluate, train
 from common.logs import configure, get_logger
-from common.transport.connection import RETRYABLE, connect
-from common.transport.consumer import publish_message
+from common.transport.connection import run_forever
+from common.transport.consumer import Delivery, MessageConsumer, Outcome
 from common.transport.model_store import ModelNotFound, ModelStore, default_cache_dir
+from common.transport.publish import publish_message, publish_payload
 from common.wire import messages
-from common.wire.chunks import publish_chunked
 from common.wire.tensors import decode_state
 from worker.config import WorkerConfig
 
 log = get_logger(__name__)
-TASK_TRAIN_OPTIONS = {f.name for f in dataclasses.fields(TrainConfig)} - {"steps", "batch_size", "learning_rate"}
 
 
 class TaskAborted(MqfedError):
     """Training stopped because the daemon is shutting down."""
+
+
+class ExperimentNotDeclared(MqfedError):
+    """The experiment's queues do not exist (yet): its coordinator has not started."""
 
 
 def load_shards(data: str, shard: str) -> tuple[Clips, Clips | None]:
@@ -110,57 +113,33 @@ class Trainer:
 
     def run(self) -> None:
         """Serve tasks until SIGTERM/`request_stop()`; reconnects with back-off when the broker goes away."""
-        delay = 0.5
-        while not self.stop_event.is_set():
-            try:
-                self._session()
-                return
-            except RETRYABLE as exc:
-                if self.stop_event.is_set():
-                    return
-                log.warning("worker_connection_lost", worker=self.worker_id, error=repr(exc), retry_in_s=delay)
-                self.stop_event.wait(delay)
-                delay = min(30.0, delay * 2)
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                if exc.reply_code != 404:
-                    raise
-                log.warning("experiment_not_declared", experiment=self.w.experiment, retry_in_s=delay,
-                            hint="start the coordinator (or `mqfed-broker setup`) for this experiment")
-                self.stop_event.wait(delay)
-                delay = min(30.0, delay * 2)
+        run_forever(self._session, "worker", self.w.node, self.device, self.url, stop=self.stop_event,
+                    retry_on=(ExperimentNotDeclared,), worker=self.worker_id)
 
-    def _session(self) -> None:
-        conn = connect("worker", self.w.node, self.device, self.url, max_delay=10.0, stop=self.stop_event.is_set)
+    def _session(self, conn) -> None:
         self.conn = conn
         try:
             topology.declare(conn.channel(), self.topo, passive=True)
-            self.pub = conn.channel()
-            self.pub.confirm_delivery()
-            self.store = ModelStore(conn.channel(), self.topo, cache_dir=self.cache_dir)
-            self._follow_index(conn)
-            self._register()
-            tasks = conn.channel()
-            tasks.basic_qos(prefetch_count=1)
-            deliveries: list = []
-            tasks.basic_consume(self.topo.tasks, lambda *delivery: deliveries.append(delivery),
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+            log.warning("experiment_not_declared", experiment=self.w.experiment,
+                        hint="start the coordinator (or `mqfed-broker setup`) for this experiment")
+            raise ExperimentNotDeclared(f"experiment {self.w.experiment}: {exc.reply_text}") from None
+        self.pub = conn.channel()
+        self.pub.confirm_delivery()
+        self.store = ModelStore(conn.channel(), self.topo, cache_dir=self.cache_dir)
+        self._follow_index(conn)
+        self._register()
+        tasks = MessageConsumer(conn.channel(), self.topo.tasks, self._on_task, prefetch=1,
                                 consumer_tag=f"{self.worker_id}:{os.getpid()}")
-            last_beat = 0.0
-            while not self.stop_event.is_set():
-                conn.process_data_events(time_limit=0.5)
-                # Handle the task here, not inside pika's callback: the task does broker I/O of its own
-                # (model fetch), which pika does not dispatch while a callback of the same connection runs.
-                while deliveries:
-                    self._on_task(*deliveries.pop(0))
-                if time.monotonic() - last_beat >= self.w.heartbeat_s:
-                    self._heartbeat()
-                    last_beat = time.monotonic()
-            log.info("worker_stopping", worker=self.worker_id, tasks_done=self.tasks_done)
-        finally:
-            if conn.is_open:
-                try:
-                    conn.close()
-                except Exception:  # a broken connection
-                    pass
+        last_beat = 0.0
+        while not self.stop_event.is_set():
+            tasks.poll(conn, 0.5)
+            if time.monotonic() - last_beat >= self.w.heartbeat_s:
+                self._heartbeat()
+                last_beat = time.monotonic()
+        log.info("worker_stopping", worker=self.worker_id, tasks_done=self.tasks_done)
 
     # -- events --------------------------------------------------------------------------------------------
     def _follow_index(self, conn) -> None:
@@ -193,20 +172,16 @@ class Trainer:
                                                             self.status))
 
     # -- tasks ---------------------------------------------------------------------------------------------
-    def _on_task(self, ch, method, props, body) -> None:
-        tag = method.delivery_tag
-        try:
-            task = messages.decode(body)
-            if not isinstance(task, (messages.TrainTask, messages.EvaluateTask)) or task.experiment != self.w.experiment:
-                raise messages.InvalidField(f"not a task of experiment {self.w.experiment}: {type(task).__name__}")
-        except messages.MessageError as exc:
-            log.warning("task_dead_lettered", worker=self.worker_id, reason=str(exc), message_id=props.message_id)
-            ch.basic_nack(tag, requeue=False)
-            return
+    def _on_task(self, delivery: Delivery) -> Outcome:
+        """Run one task. Not ours or undecodable: dead-lettered (MessageError). Expired: acked unrun. Cut short
+        by a stop: requeued. A task that cannot be done here (MqfedError: bad settings for this model, no
+        model, diverged training): dead-lettered with its reason, and the trainer lives on."""
+        task = delivery.message
+        if not isinstance(task, (messages.TrainTask, messages.EvaluateTask)) or task.experiment != self.w.experiment:
+            raise messages.InvalidField(f"not a task of experiment {self.w.experiment}: {type(task).__name__}")
         if task.deadline_unix < time.time():
             log.info("task_expired_on_arrival", task_id=task.task_id, worker=self.worker_id)
-            ch.basic_ack(tag)
-            return
+            return Outcome.ACK
         self.status = "busy"
         try:
             if isinstance(task, messages.TrainTask):
@@ -215,19 +190,15 @@ class Trainer:
                 self._evaluate_task(task)
         except TaskAborted:
             log.info("task_returned", task_id=task.task_id, worker=self.worker_id, reason="shutting down")
-            ch.basic_reject(tag, requeue=True)
-            return
-        except (DataError, ValueError, TypeError, FloatingPointError, ModelNotFound) as exc:
-            # The task cannot be done here (bad options, a model that does not fit, diverged training):
-            # dead-letter it with the reason rather than loop on it.
+            return Outcome.REQUEUE
+        except MqfedError as exc:
             log.error("task_failed", task_id=task.task_id, worker=self.worker_id, error=f"{type(exc).__name__}: {exc}")
-            ch.basic_nack(tag, requeue=False)
-            return
+            return Outcome.DEAD_LETTER
         finally:
             self.status = "idle"
         failpoint("worker.before_task_ack")
-        ch.basic_ack(tag)
         self.tasks_done += 1
+        return Outcome.ACK
 
     def _wait_for(self, fn, *args):
         """Run fn(*args) in a thread while this thread keeps the connection alive; re-raise its error.
@@ -257,15 +228,11 @@ class Trainer:
             raise box["error"]
         return box["result"]
 
-    def _model_for(self, options: dict) -> torch.nn.Module:
-        spec = ModelSpec(str(options.get("model", ModelSpec.name)), bool(options.get("freeze_feature_encoder", False)))
-        key = (spec.name, spec.freeze_feature_encoder)
-        if self.model_key != key:
-            try:
-                self.model = build_model(spec, weights=False)
-            except OSError as exc:
-                raise ValueError(f"task names model {spec.name!r}: {exc}") from None
-            self.model_key = key
+    def _model_for(self, name: str, freeze_feature_encoder: bool) -> torch.nn.Module:
+        """The model architecture a task names (kept while tasks name the same); raises ModelLoadError."""
+        if self.model_key != (name, freeze_feature_encoder):
+            self.model = build_model(ModelSpec(name, freeze_feature_encoder), weights=False)
+            self.model_key = (name, freeze_feature_encoder)
         return self.model
 
     def _fetch(self, min_version: int) -> tuple[int, dict[str, torch.Tensor]]:
@@ -292,21 +259,14 @@ class Trainer:
         return self.base
 
     def _train_task(self, task: messages.TrainTask) -> None:
-        opts = dict(task.options)
-        model = self._model_for(opts)
+        model = self._model_for(task.model, task.freeze_feature_encoder)
         version, base = self._fetch(task.min_version)
         model.load_state_dict(base)
         log.info("task_started", task_id=task.task_id, worker=self.worker_id, base_version=version,
                  min_version=task.min_version)
-        # The task's local work: its own fields plus any TrainConfig field in its options (TrainConfig
-        # validates them: a bad value raises ValueError and the task is dead-lettered).
-        extra = {k: opts[k] for k in TASK_TRAIN_OPTIONS if k in opts}
-        if task.local_steps:
-            extra["epochs"] = 0.0
         # Every task its own seed (batch order, augmentation), repeatable from the experiment's seed.
-        extra["seed"] = zlib.crc32(f"{opts.get('seed', 0)}/{self.worker_id}/{task.task_id}".encode()) & 0x7FFFFFFF
-        config = TrainConfig(steps=task.local_steps, batch_size=task.batch_size, learning_rate=task.learning_rate,
-                             **extra)
+        seed = zlib.crc32(f"{task.local.seed}/{self.worker_id}/{task.task_id}".encode()) & 0x7FFFFFFF
+        config = dataclasses.replace(task.local, seed=seed)
 
         def check_abort():
             if self.stop_event.is_set() or self.abort.is_set():
@@ -328,16 +288,9 @@ class Trainer:
         trained = model.state_dict()
         delta = {n: (trained[n].detach().float().cpu() - base[n].float()) for n in base if base[n].is_floating_point()}
         encoded = self.ef.compress(delta, task.codec)
-        if encoded.wire_bytes <= self.w.inline_max_bytes:
-            payload = messages.PayloadRef(inline=encoded.data)
-        else:
-            def send(chunk, headers):
-                self.pub.basic_publish(self.topo.work_exchange, self.topo.UPDATES_KEY, bytes(chunk),
-                                       pika.BasicProperties(headers=headers, delivery_mode=2), mandatory=True)
-                failpoint("worker.after_chunk")
-
-            transfer = publish_chunked(send, encoded.data, chunk_size=self.w.chunk_bytes)
-            payload = messages.PayloadRef(transfer_id=transfer.transfer_id)
+        payload = publish_payload(self.pub, self.topo.work_exchange, self.topo.UPDATES_KEY, encoded.data,
+                                  inline_max_bytes=self.w.inline_max_bytes, chunk_bytes=self.w.chunk_bytes,
+                                  after_chunk=lambda: failpoint("worker.after_chunk"))
         update = messages.Update(
             experiment=self.w.experiment, task_id=task.task_id, worker_id=self.worker_id, base_version=version,
             num_samples=result.samples, metrics={"loss": result.loss, "seconds": result.seconds,
@@ -352,7 +305,7 @@ class Trainer:
     def _evaluate_task(self, task: messages.EvaluateTask) -> None:
         if self.val_clips is None:
             raise DataError(f"{self.worker_id} has no validation shard to evaluate on")
-        model = self.model if self.model is not None else self._model_for({})
+        model = self.model if self.model is not None else self._model_for(ModelSpec.name, False)
         version, base = self._fetch(task.version)
         model.load_state_dict(base)
         result = self._wait_for(evaluate, model, self.val_clips, self.device)

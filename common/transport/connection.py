@@ -10,6 +10,7 @@ import contextlib
 import os
 import socket
 import ssl
+import threading
 import time
 from typing import Callable, Iterator, TypeVar
 
@@ -139,20 +140,33 @@ def connect(role: str, node: str | None = None, device: str | None = None, url: 
 
 
 def run_forever(body: Callable[[pika.BlockingConnection], T], role: str, node: str | None = None,
-                device: str | None = None, url: str | None = None, max_delay: float = 30.0) -> T:
-    """Run `body(connection)`; when the connection drops, reconnect with back-off and run it again.
-
-    `body` must be restartable (declare topology, set up consumers, loop). Returns what `body` returns.
-    """
+                device: str | None = None, url: str | None = None, *, stop: threading.Event,
+                retry_on: tuple[type[BaseException], ...] = (), max_delay: float = 30.0, **log_context) -> T | None:
+    """Connect and run `body(connection)`; when the connection is lost (`RETRYABLE`, or `retry_on`), log
+    `<role>_connection_lost`, wait with back-off (0.5 s doubling to `max_delay`) and run it again on a new
+    connection. `body` must be restartable. Returns what `body` returns, or None once `stop` is set (checked
+    while waiting and while connecting)."""
     delay = 0.5
-    while True:
-        conn = connect(role, node, device, url, max_delay=max_delay)
+    while not stop.is_set():
         try:
-            result = body(conn)
-            if conn.is_open:
-                conn.close()
-            return result
-        except RETRYABLE as exc:
-            log.warning("amqp_connection_lost", role=role, retry_in_s=round(delay, 2), error=repr(exc))
-            time.sleep(delay)
+            conn = connect(role, node, device, url, max_delay=10.0, stop=stop.is_set)
+            try:
+                return body(conn)
+            finally:
+                close_quietly(conn)
+        except RETRYABLE + retry_on as exc:
+            if stop.is_set():
+                break
+            log.warning(f"{role}_connection_lost", error=repr(exc), retry_in_s=delay, **log_context)
+            stop.wait(delay)
             delay = min(max_delay, delay * 2)
+    return None
+
+
+def close_quietly(conn: pika.BlockingConnection) -> None:
+    """Close `conn` if it is open; a connection that broke while closing is closed enough."""
+    if conn.is_open:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection
+            pass

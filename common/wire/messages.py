@@ -10,13 +10,15 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgpack
 
+from common.learning.config import TrainConfig
+
 from common.errors import MqfedError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: TrainTask carries typed local-training settings (`local`), not an options map
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # inline payloads are limited to this; bigger ones travel chunked
 _MAX_STR = 1024 * 1024
 _MAX_ARRAY = 100_000
@@ -57,16 +59,17 @@ class PayloadRef:
 
 @dataclass(frozen=True)
 class TrainTask:
+    """Train `model` from the newest version >= `min_version` (or the newest there is) with `local`, compress
+    the delta with `codec`, answer before `deadline_unix`."""
+
     experiment: str
     task_id: str
     min_version: int
-    local_steps: int
-    batch_size: int
-    learning_rate: float
     deadline_unix: float
     codec: str
-    local_epochs: int = 0
-    options: dict[str, typing.Any] = field(default_factory=dict)
+    model: str
+    freeze_feature_encoder: bool
+    local: TrainConfig
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,8 @@ def type_tag(msg: Message) -> str:
 
 
 def _to_wire(value):
-    if isinstance(value, PayloadRef):
-        return {"inline": value.inline, "transfer_id": value.transfer_id}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return value
 
 
@@ -171,14 +174,8 @@ def encode(msg: Message) -> bytes:
 
 def _check(name: str, value, hint) -> object:
     origin = typing.get_origin(hint)
-    if hint is typing.Any:
-        return value
-    if hint is PayloadRef:
-        if not isinstance(value, dict) or set(value) != {"inline", "transfer_id"}:
-            raise InvalidField(f"{name}: expected a payload reference map with inline/transfer_id")
-        inline = _check(f"{name}.inline", value["inline"], bytes | None)
-        tid = _check(f"{name}.transfer_id", value["transfer_id"], str | None)
-        return PayloadRef(inline=inline, transfer_id=tid)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _struct(name, value, hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
@@ -214,6 +211,24 @@ def _check(name: str, value, hint) -> object:
             raise InvalidField(f"{name}: expected {hint.__name__}, got {type(value).__name__}")
         return value
     raise InvalidField(f"{name}: unsupported field type {hint}")
+
+
+def _struct(name: str, value, cls: type):
+    """A nested map into the dataclass `cls`: exactly its fields, each checked; its own rules apply."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(value, dict):
+        raise InvalidField(f"{name}: expected a map of {', '.join(fields)}, got {type(value).__name__}")
+    missing, unknown = [f for f in fields if f not in value], set(value) - set(fields)
+    if missing or unknown:
+        raise InvalidField(f"{name}: " + (f"missing field {missing[0]!r}" if missing else
+                                          f"unexpected field(s) {sorted(unknown, key=repr)}"))
+    hints = typing.get_type_hints(cls)
+    try:
+        return cls(**{f: _check(f"{name}.{f}", value[f], hints[f]) for f in fields})
+    except InvalidField:
+        raise
+    except MqfedError as exc:
+        raise InvalidField(f"{name}: {exc}") from None
 
 
 def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:

@@ -33,8 +33,9 @@ import pika  # noqa: E402
 from broker import topology  # noqa: E402
 from common.logs import configure  # noqa: E402
 from common.transport.connection import connect, parameters  # noqa: E402
-from common.transport.consumer import MessageConsumer, publish_message  # noqa: E402
+from common.transport.consumer import MessageConsumer, Outcome
 from common.transport.model_store import ModelStore, _close_without_reject  # noqa: E402
+from common.transport.publish import publish_message  # noqa: E402
 from common.wire import messages  # noqa: E402
 from common.wire.chunks import DEFAULT_CHUNK_SIZE, Reassembler, publish_chunked  # noqa: E402
 
@@ -171,7 +172,7 @@ def bench_ingest(payload: bytes, updates: int, chunk: int, repeat: int) -> tuple
             got = []
             with tempfile.TemporaryDirectory() as tmp:
                 cch = conn.channel()
-                consumer = MessageConsumer(cch, topo.updates, lambda m, p: got.append(p.size), prefetch=4,
+                consumer = MessageConsumer(cch, topo.updates, lambda d: got.append(d.payload.size) or Outcome.ACK, prefetch=4,
                                            reassembler=Reassembler(spill_threshold=64 * MB, spool_dir=tmp, fsync=False))
                 consumer.run(conn, until=lambda: len(got) == updates, tick_s=0.2)
                 cch.close()

@@ -42,8 +42,9 @@ import torch
 
 from broker import topology
 from common.compression import codecs
+from common.learning.config import TrainConfig
 from common.transport.connection import connect
-from common.transport.consumer import publish_message
+from common.transport.publish import publish_message
 from common.wire import messages
 from common.wire.chunks import publish_chunked
 from common.wire.tensors import decode_state, encode_state
@@ -340,7 +341,8 @@ DECODE_CASES = {
     "payload-ref-with-both": (lambda fed: fed.raw_update("x", payload={"inline": b"x", "transfer_id": "t"}),
                               "InvalidField", "exactly one of inline or transfer_id"),
     "train-task-on-updates-queue": (lambda fed: messages.encode(messages.TrainTask(
-        fed.topo.experiment, "t", 0, 1, 1, 0.1, time.time() + 60, "none")), "InvalidField",
+        fed.topo.experiment, "t", 0, time.time() + 60, "none", "kws-tiny", False,
+        TrainConfig(steps=1, batch_size=1, learning_rate=0.1))), "InvalidField",
         "train_task message on the updates queue"),
     "update-for-a-transfer-never-sent": (lambda fed: messages.encode(fed.update(
         "x", payload=messages.PayloadRef(transfer_id="no-such-transfer"))), "InvalidField",

@@ -44,6 +44,7 @@ from hypothesis import strategies as st
 
 from common.compression import codecs
 from common.compression.sparse import SparseTensor
+from common.learning.config import TrainConfig
 from common.wire import messages
 from common.wire.chunks import ChunkError, Reassembler, publish_chunked
 from common.wire.tensors import TensorFormatError, decode_state, encode_state
@@ -119,7 +120,8 @@ def _edit_map(draw, body: dict, interesting_keys: list) -> dict:
 
 _FAR = 4_000_000_000.0
 MESSAGE_SEEDS = [
-    messages.TrainTask("exp", "t1", 3, 50, 16, 1e-4, _FAR, "topk:0.01", options={"epochs": 1.0, "model": "kws-tiny"}),
+    messages.TrainTask("exp", "t1", 3, _FAR, "topk:0.01", "kws-tiny", False,
+                       TrainConfig(steps=50, epochs=1.0, batch_size=16, learning_rate=1e-4)),
     messages.EvaluateTask("exp", "e1", 4, "validation", _FAR),
     messages.Update("exp", "t1", "node-a/cpu", 3, 128, {"loss": 0.5}, "none", 400, 2,
                     messages.PayloadRef(inline=b"\0\1")),
@@ -503,8 +505,16 @@ def test_checkpoint_load_of_random_or_mutated_files_raises_only_checkpoint_error
 # -- the worker's task path ----------------------------------------------------------------------------------
 
 class _Channel:
+    """An in-memory stand-in for a pika channel: records how each delivery was settled."""
+
     def __init__(self) -> None:
         self.settled: list[str] = []
+
+    def basic_qos(self, prefetch_count):
+        pass
+
+    def basic_consume(self, queue, callback, consumer_tag=None):
+        return "ctag"
 
     def basic_ack(self, tag):
         self.settled.append("ack")
@@ -522,19 +532,28 @@ def _fake_trainer(reached: list):
         _train_task=lambda task: reached.append(task), _evaluate_task=lambda task: reached.append(task))
 
 
+def _deliver_task(trainer, data: bytes) -> _Channel:
+    """Hand `data` to the worker's task handler through the real consumer (as the tasks queue would)."""
+    from common.transport.consumer import MessageConsumer
+    from worker.daemon import Trainer
+
+    ch = _Channel()
+    consumer = MessageConsumer(ch, "tasks", lambda delivery: Trainer._on_task(trainer, delivery), prefetch=1)
+    consumer._on_delivery(types.SimpleNamespace(delivery_tag=1),
+                          types.SimpleNamespace(headers=None, message_id="m", type=None), data)
+    return ch
+
+
 _TASK_BYTES = [messages.encode(m) for m in MESSAGE_SEEDS[:2]] + _MESSAGE_BYTES[2:4]
 
 
 @FUZZ
 @given(data=st.one_of(message_mutations(), byte_mutations(_TASK_BYTES)))
-@example(data=msgpack.packb({"t": "train_task", "v": 1, b"experiment": "exp"}, use_bin_type=True))
+@example(data=msgpack.packb({"t": "train_task", "v": messages.SCHEMA_VERSION, b"experiment": "exp"},
+                            use_bin_type=True))
 def test_worker_task_path_settles_every_delivery_once_and_runs_only_valid_tasks(data):
-    from worker.daemon import Trainer
-
     reached: list = []
-    ch = _Channel()
-    props = types.SimpleNamespace(message_id="m")
-    Trainer._on_task(_fake_trainer(reached), ch, types.SimpleNamespace(delivery_tag=1), props, data)
+    ch = _deliver_task(_fake_trainer(reached), data)
     assert len(ch.settled) == 1
     msg = _check_message(data)
     valid = isinstance(msg, (messages.TrainTask, messages.EvaluateTask)) and msg.experiment == "exp"
@@ -544,15 +563,16 @@ def test_worker_task_path_settles_every_delivery_once_and_runs_only_valid_tasks(
         assert ch.settled == ["ack"] and reached == [msg]
 
 
-@pytest.mark.parametrize("options", [{"epochs": [1.0]}, {"warmup_steps": None}, {"time_shift_s": {}}],
-                         ids=["epochs-list", "warmup-none", "time-shift-map"])
-def test_a_train_task_with_options_of_the_wrong_type_is_dead_lettered_not_fatal_to_the_trainer(options):
+@pytest.mark.parametrize("local", [{"epochs": [1.0]}, {"warmup_steps": None}, {"time_shift_s": {}},
+                                   {"batch_size": 0}, {"optimizer": "adam"}],
+                         ids=["epochs-list", "warmup-none", "time-shift-map", "batch-size-0", "unknown-optimizer"])
+def test_a_train_task_with_local_settings_of_the_wrong_type_is_dead_lettered_not_fatal_to_the_trainer(local):
     from worker.daemon import TaskAborted, Trainer
 
     reached: list = []
     fake = _fake_trainer(reached)
     fake._train_task = lambda task: Trainer._train_task(fake, task)
-    fake._model_for = lambda opts: types.SimpleNamespace(load_state_dict=lambda state: None)
+    fake._model_for = lambda name, freeze: types.SimpleNamespace(load_state_dict=lambda state: None)
     fake._fetch = lambda version: (0, {})
 
     def wait_for(fn, *args):  # what reaches training has passed every check: stop here
@@ -561,8 +581,8 @@ def test_a_train_task_with_options_of_the_wrong_type_is_dead_lettered_not_fatal_
 
     fake._wait_for = wait_for
     fake.stop_event = types.SimpleNamespace(is_set=lambda: False)
-    task = messages.TrainTask("exp", "t1", 0, 0, 16, 1e-3, _FAR, "none", options=options)
-    ch = _Channel()
-    Trainer._on_task(fake, ch, types.SimpleNamespace(delivery_tag=1), types.SimpleNamespace(message_id="t1"),
-                     messages.encode(task))
-    assert ch.settled == ["nack"] and reached == []  # dead-lettered with task_failed, the trainer lives on
+    body = msgpack.unpackb(messages.encode(messages.TrainTask("exp", "t1", 0, _FAR, "none", "kws-tiny", False,
+                                                              TrainConfig(steps=1, batch_size=16))), raw=False)
+    body["local"].update(local)
+    ch = _deliver_task(fake, msgpack.packb(body, use_bin_type=True))
+    assert ch.settled == ["nack"] and reached == []  # dead-lettered as InvalidField, the trainer lives on

@@ -13,8 +13,8 @@ import torch
 
 from common.compression import codecs
 from common.transport.connection import connect
-from common.transport.consumer import publish_message
 from common.transport.model_store import ModelStore
+from common.transport.publish import publish_message
 from common.wire import messages
 from common.wire.tensors import decode_state
 

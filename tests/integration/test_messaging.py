@@ -9,14 +9,17 @@ import time
 import pika
 import pytest
 
-from common.transport.consumer import MessageConsumer, publish_message
+from common.learning.config import TrainConfig
+from common.transport.consumer import MessageConsumer, Outcome
+from common.transport.publish import publish_message
 from common.wire import messages as m
 from common.wire.chunks import Reassembler, publish_chunked
 
 pytestmark = pytest.mark.integration
 
 EXAMPLES = [
-    m.TrainTask("exp", "t1", 3, 50, 16, 1e-4, 1700000000.0, "topk-0.01", options={"seed": 1}),
+    m.TrainTask("exp", "t1", 3, 1700000000.0, "topk-0.01", "kws-tiny", False,
+                TrainConfig(steps=50, batch_size=16, learning_rate=1e-4, seed=1)),
     m.EvaluateTask("exp", "e1", 4, "test", 1700000000.0),
     m.Update("exp", "t1", "node-a:cuda:0", 3, 128, {"loss": 0.5}, "fp32", 400, 2, m.PayloadRef(inline=b"\x00\x01")),
     m.ModelVersion("exp", 7, 1234, 48, 380_000_000, "ab" * 32, "tid", 1700000000.5),
@@ -39,7 +42,7 @@ def test_every_message_type_round_trips_through_the_broker(connection, topo):
     for msg in EXAMPLES:
         publish_message(ch, topo.work_exchange, topo.TASKS_KEY, msg)
     got = []
-    consumer = MessageConsumer(ch, topo.tasks, lambda msg, payload: got.append(msg))
+    consumer = MessageConsumer(ch, topo.tasks, lambda d: got.append(d.message) or Outcome.ACK)
     _drain(connection, consumer, lambda: len(got) == len(EXAMPLES))
     assert got == EXAMPLES
 
@@ -58,7 +61,8 @@ def test_update_with_chunked_payload_reaches_the_handler(connection, topo):
                    m.PayloadRef(transfer_id=info.transfer_id))
     publish_message(ch, topo.work_exchange, topo.UPDATES_KEY, upd)
     got = []
-    consumer = MessageConsumer(ch, topo.updates, lambda msg, p: got.append((msg, p.read_bytes())))
+    consumer = MessageConsumer(ch, topo.updates, lambda d: got.append((d.message, d.payload.read_bytes())) or Outcome.ACK,
+                               reassembler=Reassembler())
     _drain(connection, consumer, lambda: bool(got))
     assert got[0][0] == upd and got[0][1] == payload and consumer.stats.chunks == 4
 
@@ -87,7 +91,7 @@ def test_malformed_and_unknown_version_go_to_dlq_and_consumer_keeps_running(conn
     good = EXAMPLES[5]
     publish_message(ch, topo.work_exchange, topo.TASKS_KEY, good)
     got = []
-    consumer = MessageConsumer(ch, topo.tasks, lambda msg, p: got.append(msg))
+    consumer = MessageConsumer(ch, topo.tasks, lambda d: got.append(d.message) or Outcome.ACK)
     _drain(connection, consumer, lambda: bool(got))
     assert got == [good] and consumer.stats.dead_lettered == 2
     dead = _dead_letters(connection, topo, 2)
@@ -118,7 +122,7 @@ def test_corrupted_chunk_is_detected_and_dead_lettered(connection, topo, capsys)
         return [msgs[0], (bytes([body[0] ^ 0xFF]) + body[1:], h), *msgs[2:]]
 
     info = _publish_chunks(ch, topo, os.urandom(4096), 1024, corrupt)
-    consumer = MessageConsumer(ch, topo.updates, lambda msg, p: None, reassembler=Reassembler(fsync=False))
+    consumer = MessageConsumer(ch, topo.updates, lambda d: Outcome.ACK, reassembler=Reassembler(fsync=False))
     _drain(connection, consumer, lambda: consumer.stats.chunks == 4)
     assert consumer.payloads == {}
     log = "".join(capsys.readouterr())
@@ -130,7 +134,7 @@ def test_missing_chunk_is_detected_after_timeout(connection, topo, capsys):
     ch = connection.channel()
     ch.confirm_delivery()
     info = _publish_chunks(ch, topo, os.urandom(4096), 1024, lambda msgs: msgs[:2] + msgs[3:])
-    consumer = MessageConsumer(ch, topo.updates, lambda msg, p: None,
+    consumer = MessageConsumer(ch, topo.updates, lambda d: Outcome.ACK,
                                reassembler=Reassembler(timeout_s=1.0, fsync=False))
     _drain(connection, consumer, lambda: consumer.stats.dead_lettered == 3)
     log = "".join(capsys.readouterr())

@@ -3,10 +3,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from common.learning.config import TrainConfig
 from common.wire import messages as m
 
 EXAMPLES = [
-    m.TrainTask("exp", "t1", 3, 50, 16, 1e-4, 1700000000.0, "topk-0.01", options={"seed": 1}),
+    m.TrainTask("exp", "t1", 3, 1700000000.0, "topk-0.01", "kws-tiny", False,
+                TrainConfig(steps=50, batch_size=16, learning_rate=1e-4, seed=1)),
     m.EvaluateTask("exp", "e1", 4, "test", 1700000000.0),
     m.Update("exp", "t1", "node-a:cuda:0", 3, 128, {"loss": 0.5}, "fp32", 400, 380, m.PayloadRef(inline=b"\x00\x01")),
     m.Update("exp", "t2", "node-a:cpu", 3, 128, {}, "int8", 400, 100, m.PayloadRef(transfer_id="abc")),
@@ -30,8 +32,8 @@ def _raw(msg, **changes):
 
 def test_missing_field_is_named():
     body = _raw(EXAMPLES[0])
-    del body["batch_size"]
-    with pytest.raises(m.InvalidField, match="batch_size"):
+    del body["local"]["batch_size"]
+    with pytest.raises(m.InvalidField, match="train_task.local: missing field 'batch_size'"):
         m.decode(msgpack.packb(body))
 
 
