@@ -20,7 +20,7 @@ tensors or ``common.compression.sparse.SparseTensor`` (float32 values, sorted un
 aggregator adds into its buffer without densifying. Everything is vectorised in torch: the only Python
 loops run over the tensors of a state dict or over the (at most 9) byte positions of a varint.
 
-Wire layout (all little-endian)::
+Wire layout (a common.wire.envelope; all little-endian)::
 
     b"MQC1" | u32 header length | msgpack header | body
 
@@ -40,15 +40,15 @@ from __future__ import annotations
 
 import lzma
 import math
-import struct
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Mapping, Union
 
-import msgpack
 import torch
 
 from common.compression.sparse import SparseTensor
+from common.errors import MqfedError
+from common.wire import envelope
 from common.wire.tensors import DTYPES, TensorFormatError, decode_state, encode_state
 
 MAGIC = b"MQC1"
@@ -70,7 +70,7 @@ _SAMPLE_STRIDE = 64
 Decoded = Union[torch.Tensor, SparseTensor]
 
 
-class CodecError(ValueError):
+class CodecError(MqfedError, ValueError):
     """A codec spec is invalid, a delta cannot be encoded, or a payload is not a valid encoded update."""
 
 
@@ -635,8 +635,7 @@ def encode(
         if len(packed) < len(body):  # the lossless stage only where it pays
             body_encoding, wire_body = spec.lossless.name, packed
     header = {"v": FORMAT_VERSION, "codec": str(spec), "body": body_encoding, "body_len": len(body), "tensors": entries}
-    head = msgpack.packb(header, use_bin_type=True)
-    data = b"".join([MAGIC, struct.pack("<I", len(head)), head, wire_body])
+    data = envelope.pack(MAGIC, header, wire_body)
     return EncodedUpdate(str(spec), data, raw_bytes, len(data), decoded)
 
 
@@ -651,23 +650,16 @@ class _Entry:
 
 
 def _read_header(view: memoryview) -> tuple[dict, memoryview]:
-    if len(view) < 8 or bytes(view[:4]) != MAGIC:
-        raise CodecError("not an encoded update (bad magic)")
-    (head_len,) = struct.unpack("<I", view[4:8])
-    if head_len > _MAX_HEADER or 8 + head_len > len(view):
-        raise CodecError(f"header length {head_len} exceeds the payload of {len(view)} bytes")
-    try:
-        header = msgpack.unpackb(
-            view[8:8 + head_len], raw=False, max_bin_len=0, max_ext_len=0, max_str_len=_MAX_NAME * 4,
-            max_array_len=1_000_000, max_map_len=16, strict_map_key=True,
-        )
-    except Exception as exc:
-        raise CodecError(f"unreadable header: {exc}") from None
+    header, body = envelope.unpack(
+        view, MAGIC, CodecError, what="an encoded update", max_header=_MAX_HEADER,
+        max_bin_len=0, max_ext_len=0, max_str_len=_MAX_NAME * 4, max_array_len=1_000_000, max_map_len=16,
+        strict_map_key=True,
+    )
     if not isinstance(header, dict) or set(header) != {"v", "codec", "body", "body_len", "tensors"}:
         raise CodecError("header must be a map with exactly v, codec, body, body_len, tensors")
     if header["v"] != FORMAT_VERSION:
         raise CodecError(f"unsupported payload format version {header['v']!r:.40} (this code reads {FORMAT_VERSION})")
-    return header, view[8 + head_len:]
+    return header, body
 
 
 def _read_entries(raw: object, spec: CodecSpec, max_elements: int) -> list[_Entry]:

@@ -40,15 +40,20 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 from typing import Mapping
 
-import msgpack
 import torch
 
-from common.compression.codecs import CodecError, CodecSpec, EncodedUpdate, encode, parse_codec
-from common.logs import get_logger
+from common.compression.codecs import (
+    CodecError,
+    CodecSpec,
+    EncodedUpdate,
+    encode,
+    parse_codec,
+)
 from common.compression.sparse import SparseTensor
+from common.logs import get_logger
+from common.wire import envelope
 from common.wire.tensors import decode_state, encode_state
 
 log = get_logger(__name__)
@@ -137,19 +142,19 @@ class ErrorFeedback:
     def save(self, path: str | os.PathLike) -> None:
         """Write the residual, experiment and codec to ``path`` atomically (temporary file, fsync, rename).
 
-        Layout: ``b"MQEF"`` | u32 LE meta length | msgpack ``{"format", "experiment", "codec"}`` | a
-        common.wire.tensors frame of the residual. Raises OSError when the file cannot be written (the previous
-        file, if any, is then left as it was).
+        Layout (a common.wire.envelope): ``b"MQEF"`` | u32 LE meta length | msgpack ``{"format", "experiment",
+        "codec"}`` | a common.wire.tensors frame of the residual. Raises OSError when the file cannot be written
+        (the previous file, if any, is then left as it was).
         """
         path = os.fspath(path)
-        meta = msgpack.packb({"format": FORMAT, "experiment": self.experiment, "codec": self.codec}, use_bin_type=True)
+        prefix = envelope.pack(MAGIC, {"format": FORMAT, "experiment": self.experiment, "codec": self.codec})
         frame = encode_state({n: t.detach() for n, t in self._residual.items()})
         directory = os.path.dirname(os.path.abspath(path))
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
             with open(tmp, "wb") as f:
-                f.write(MAGIC + struct.pack("<I", len(meta)) + meta)
-                f.write(frame)
+                f.write(prefix)
+                f.write(frame)  # written apart from the prefix: no copy of a residual that may be large
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -211,15 +216,7 @@ class ErrorFeedback:
 
 def _parse_saved(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     """(meta, residual) from a file written by ``ErrorFeedback.save``; raises ValueError."""
-    if len(data) < 8 or data[:4] != MAGIC:
-        raise ValueError("bad magic")
-    (meta_len,) = struct.unpack("<I", data[4:8])
-    if meta_len > _MAX_META or 8 + meta_len > len(data):
-        raise ValueError(f"meta length {meta_len} exceeds the file")
-    try:
-        meta = msgpack.unpackb(data[8:8 + meta_len], raw=False, max_bin_len=0)
-    except Exception as exc:
-        raise ValueError(f"unreadable meta: {exc}") from None
+    meta, frame = envelope.unpack(data, MAGIC, ValueError, what="a residual file", max_header=_MAX_META, max_bin_len=0)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"unsupported format {meta.get('format') if isinstance(meta, dict) else meta!r:.40}")
     if not isinstance(meta.get("experiment"), str) or not (meta.get("codec") is None or isinstance(meta["codec"], str)):
@@ -229,7 +226,7 @@ def _parse_saved(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
             meta["codec"] = str(parse_codec(meta["codec"]))
         except CodecError as exc:
             raise ValueError(str(exc)) from None
-    residual = decode_state(memoryview(data)[8 + meta_len:])
+    residual = decode_state(frame)
     for name, t in residual.items():
         if t.dtype is not torch.float32:
             raise ValueError(f"{name}: residual is {t.dtype}, expected torch.float32")

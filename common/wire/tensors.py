@@ -1,6 +1,6 @@
 """Tensor wire framing: a state dict (name -> torch.Tensor) as raw little-endian buffers.
 
-Layout: ``b"MQT1"`` | u32 LE header length | msgpack header | buffers.
+Layout (a common.wire.envelope): ``b"MQT1"`` | u32 LE header length | msgpack header | buffers.
 The header is a list of ``[name, dtype, shape, offset, nbytes]``; offsets are relative to the start of the
 buffer section and must tile it exactly (no gaps, no overlap, nothing after the last tensor). Decoding
 checks every declared size against dtype x shape and against the actual bytes, so a lying header raises
@@ -9,11 +9,12 @@ checks every declared size against dtype x shape and against the actual bytes, s
 from __future__ import annotations
 
 import math
-import struct
 import sys
 
-import msgpack
 import torch
+
+from common.errors import MqfedError
+from common.wire import envelope
 
 MAGIC = b"MQT1"
 _MAX_HEADER = 16 * 1024 * 1024
@@ -31,7 +32,7 @@ if sys.byteorder != "little":  # pragma: no cover - every platform torch ships f
     raise ImportError("common.wire.tensors assumes a little-endian host")
 
 
-class TensorFormatError(ValueError):
+class TensorFormatError(MqfedError, ValueError):
     """The bytes are not a valid tensor frame (bad magic, lying sizes, unknown dtype...)."""
 
 
@@ -54,25 +55,15 @@ def encode_state(state: dict[str, torch.Tensor]) -> bytes:
         header.append([name, _NAME_OF[t.dtype], list(t.shape), offset, len(raw)])
         blobs.append(raw)
         offset += len(raw)
-    head = msgpack.packb(header, use_bin_type=True)
-    return b"".join([MAGIC, struct.pack("<I", len(head)), head, *blobs])
+    return envelope.pack(MAGIC, header, *blobs)
 
 
 def decode_state(data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
     """Decode bytes from `encode_state`; raises TensorFormatError on any inconsistency."""
-    view = memoryview(data)
-    if len(view) < 8 or bytes(view[:4]) != MAGIC:
-        raise TensorFormatError("not a tensor frame (bad magic)")
-    (head_len,) = struct.unpack("<I", view[4:8])
-    if head_len > _MAX_HEADER or 8 + head_len > len(view):
-        raise TensorFormatError(f"header length {head_len} exceeds the frame of {len(view)} bytes")
-    try:
-        header = msgpack.unpackb(view[8:8 + head_len], raw=False, max_bin_len=0, max_str_len=65536)
-    except Exception as exc:
-        raise TensorFormatError(f"unreadable tensor header: {exc}") from None
+    header, body = envelope.unpack(data, MAGIC, TensorFormatError, what="a tensor frame", max_header=_MAX_HEADER,
+                                   max_bin_len=0, max_str_len=65536)
     if not isinstance(header, list):
         raise TensorFormatError("tensor header is not a list")
-    body = view[8 + head_len:]
     expected_offset = 0
     out: dict[str, torch.Tensor] = {}
     for entry in header:
