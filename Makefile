@@ -9,7 +9,7 @@ DATA_DIR ?= .cache/mqfed/synth-ks
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: venv broker test test-faults test-all data demo benchmarks clean
+.PHONY: venv broker test test-faults test-all lint data demo benchmarks clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: broker
 # The fault suite (tests/faults, docs/faults.md): real processes, real signals, the real broker.
 test-faults: broker
 	$(PY) -m pytest -q -m faults tests/faults
+
+# ruff (rules in pyproject.toml) over everything; mypy (strict optional, typed defs) over the pure packages.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test-all: broker
 	$(PY) -m pytest -q

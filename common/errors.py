@@ -2,7 +2,7 @@
 
 A CLI catches `MqfedError` and prints its message (which names the problem and, where there is one, the
 fix); anything else escaping is a bug and crashes loudly with its traceback. Each concern defines its own
-subclasses next to the code that raises them (docs/federation.md#errors lists them).
+subclasses next to the code that raises them (docs/architecture.md#errors lists them).
 """
 from __future__ import annotations
 

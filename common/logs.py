@@ -51,8 +51,21 @@ def configure(level: str | None = None, json: bool | None = None) -> None:
 
 
 def get_logger(name: str | None = None, **bound) -> structlog.typing.FilteringBoundLogger:
-    """A structlog logger bound to `logger=name` and any extra key/values."""
-    log = structlog.get_logger()
+    """A structlog logger bound to `logger=name` and any extra key/values. Lazy: it takes the configuration in
+    force when it logs, so a module that makes its logger at import, before `configure()`, logs as configured."""
     if name:
         bound = {"logger": name, **bound}
-    return log.bind(**bound) if bound else log
+    return _Deferred(bound)  # type: ignore[return-value]
+
+
+class _Deferred:
+    """Binds its values at each call, under the configuration in force then."""
+
+    def __init__(self, bound: dict) -> None:
+        self._bound = bound
+
+    def bind(self, **more) -> "_Deferred":
+        return _Deferred({**self._bound, **more})
+
+    def __getattr__(self, method: str):
+        return getattr(structlog.get_logger().new(**self._bound), method)

@@ -1,25 +1,9 @@
-"""The coordinator: FedBuff over RabbitMQ. One process per experiment is active; the I/O shell around the
-pure aggregator (coordinator/aggregator.py) and dispatcher (coordinator/dispatch.py).
+"""The coordinator: the I/O shell around the pure aggregator and dispatcher, one process per experiment.
 
-Loop (one thread, one pika connection):
-1. keep the train tasks the dispatcher wants on `mqfed.<exp>.tasks` (per-message expiry = deadline);
-2. consume `mqfed.<exp>.updates` (single active consumer): decode the payload (common/compression/codecs.py), validate
-   and buffer it in the aggregator. A buffered update's delivery is acknowledged only once a checkpoint
-   holds it, so a coordinator that dies loses nothing: the broker redelivers, and the restarted
-   coordinator (from the last checkpoint) applies it exactly once;
-3. at every new version: evaluate (every `eval_every`), append to the run record, checkpoint atomically,
-   acknowledge the updates it contains, publish the model to the model stream, export the best model;
-4. stop at the configured target, leaving the export and a summary line in the record.
-
-Invalid updates (undecodable payload, NaN, wrong shapes, unknown parameters, norm above the bound, another
-experiment, a version from the future) are dead-lettered with a log line naming the problem; stale
-updates (staleness above `max_staleness`) are acknowledged, counted and dropped, as FedBuff prescribes.
-
-Only one coordinator of an experiment is active: it holds an exclusive lock on `<run_dir>/lock`. A
-replica started beside it waits for the lock, then resumes from the checkpoint (single active consumer
-on the updates queue keeps a second consumer idle meanwhile, even where the lock cannot be shared).
-A lost broker connection is handled the same way: reconnect with back-off and resume from the
-checkpoint, so the deliveries the old channel held are redelivered and applied once.
+`Coordinator.run()` keeps the dispatcher's train tasks on the tasks queue, consumes updates (single active
+consumer), buffers valid ones and acknowledges them only once a checkpoint holds them, and at each version
+checkpoints, acknowledges, publishes the model, evaluates and records. One coordinator of a run directory is
+active (an exclusive lock); a lost connection resumes from the checkpoint. docs/federation.md.
 """
 from __future__ import annotations
 

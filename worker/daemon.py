@@ -1,24 +1,9 @@
-"""The worker daemon: one trainer per device, each with its own broker connection and task loop.
+"""The worker daemon: one `Trainer` (its own connection and task loop) per device.
 
-A trainer (`Trainer.run`):
-1. connects as `worker:<node>:<device>`, checks the experiment's queues exist (passively: workers have no
-   configure permission), registers (node, device, shard, shard size) on the events exchange and
-   heartbeats every `heartbeat_s`;
-2. follows the model-index stream, so it always knows the newest model version without polling;
-3. takes one task at a time (prefetch 1, manual ack) from `mqfed.<exp>.tasks`:
-   - train: fetch the newest model it can get (disk cache first; at least the task's `min_version` when
-     that is announced, else the newest there is, which it logs as training behind), train on its shard
-     in a background thread while the connection keeps serving heartbeats, compute `delta = trained -
-     base`, compress it with error feedback (common/compression/error_feedback.py), publish the update (inline or
-     chunked) under publisher confirms, save the residual, and only then ack the task;
-   - evaluate: evaluate the named version on its validation shard and publish the metrics;
-4. on SIGTERM: stops training at the next step and returns the task to the queue (`basic_reject` with
-   requeue), or, between tasks, just closes. A task is never acked before its update is confirmed, so a
-   worker that dies at any point loses nothing: the broker hands the task to another trainer.
-Broker restarts and network drops: reconnect with back-off and carry on (an interrupted task comes back
-through the queue).
-
-`main(args)` runs one trainer in-process for a single device, or one child process per device.
+A trainer registers and heartbeats, follows the model index, and takes one task at a time (prefetch 1): it
+trains from the newest model it can get, publishes the compressed delta under confirms and acknowledges
+the task only then; on SIGTERM it returns the task to the queue. Nothing is lost when it dies at any
+point: the broker hands the task to another trainer. docs/federation.md#one-update-end-to-end.
 """
 from __future__ import annotations
 

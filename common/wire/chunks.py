@@ -1,21 +1,10 @@
 """Chunked transfer: a payload of any size crosses the broker as messages below its size limit.
 
-Sender (`publish_chunked`): splits the payload into `chunk_size` pieces and publishes each, under publisher
-confirms, with headers naming the transfer, the chunk index and count, the total size, the chunk size, the
-sha256 of the whole payload and a crc32 of the chunk. By default the sha256 is computed in a pass before the
-first chunk and every chunk carries it; with `digest_in_last_chunk=True` the payload is hashed while it is
-sent (one pass) and only the last chunk carries the sha256 (the others carry an empty string).
-
-Receiver (`Reassembler`, pure: no broker): `add(headers, body, token)` stores a chunk at its offset, so
-reordered chunks are fine and duplicates are recognised and dropped. Memory stays bounded: a transfer larger
-than `spill_threshold` is written to a spool file (one chunk in memory at a time); the sha256 is computed
-incrementally over the contiguous prefix and compared, when the last missing chunk arrives, with the sha256
-the chunks carry (whichever form the sender used). Acknowledgement tokens (e.g. AMQP delivery tags) are
-handed back in `AddResult.ack` only once the chunk is durably handled: written (and fsynced) to the spool
-file, or, for an in-memory transfer, once the whole transfer is complete and verified. Errors name the
-transfer and carry the tokens the caller should now reject. A chunk that arrives after its transfer was
-dropped (corrupt, or incomplete past the timeout) is refused too, so every chunk of a failed transfer ends
-where rejected deliveries go (the dead-letter queue), not only those held when it failed.
+Invariants: `publish_chunked` sends every chunk with headers naming the transfer, its index and count, the
+sizes, a crc32 and the whole payload's sha256 (in every chunk, or only in the last one). `Reassembler` (pure)
+stores chunks in any order, drops duplicates, bounds memory (spools above `spill_threshold`), verifies the
+sha256, and hands back an acknowledgement token only once its chunk is durably handled; its errors carry the
+tokens to reject, and a late chunk of a failed transfer is refused too. docs/messaging.md#chunked-transfer-commonwirechunkspy.
 """
 from __future__ import annotations
 

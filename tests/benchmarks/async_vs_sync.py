@@ -16,19 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import uuid
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from broker import ensure, topology  # noqa: E402
-from common.config import load_config  # noqa: E402
-from common.data import corpus  # noqa: E402
-from common.logs import configure  # noqa: E402
-from common.transport.connection import amqp_url, connect  # noqa: E402
-from coordinator.experiment import ExperimentConfig  # noqa: E402
-from coordinator.local_federation import LocalFederation  # noqa: E402
+from broker import ensure, topology
+from common.config import load_config
+from common.data import corpus
+from common.logs import configure
+from common.transport.connection import amqp_url, connect
+from coordinator.experiment import ExperimentConfig
+from coordinator.local_federation import LocalFederation
 
 
 def run(mode: str, args, run_root: str) -> dict:

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import torch
 
-import torch  # noqa: E402
-
-from common.data import corpus  # noqa: E402
-from common.data.dataset import to_arrays  # noqa: E402
-from common.learning.model import ModelSpec, build_model, parameter_count  # noqa: E402
-from common.learning.training import SCHEDULES, Clips, TrainConfig, evaluate, train  # noqa: E402
-from common.logs import configure  # noqa: E402
+from common.data import corpus
+from common.data.dataset import to_arrays
+from common.learning.model import ModelSpec, build_model, parameter_count
+from common.learning.config import SCHEDULES, TrainConfig
+from common.learning.training import Clips, evaluate, train
+from common.logs import configure
 
 # Defaults for kws-tiny on the synthetic corpus (see common/learning/model.py PRESETS for what they reach).
 STEPS = 4000

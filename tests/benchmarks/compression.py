@@ -28,18 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 import time
 from typing import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import torch
 
-import torch  # noqa: E402
-
-from common.compression.codecs import DEFAULT_CODEC, decode, encode  # noqa: E402
-from common.compression.error_feedback import ErrorFeedback  # noqa: E402
-from common.compression.sparse import SparseTensor  # noqa: E402
+from common.compression.codecs import DEFAULT_CODEC, decode, encode
+from common.compression.error_feedback import ErrorFeedback
+from common.compression.sparse import SparseTensor
 
 MB = 1e6
 CODECS = [

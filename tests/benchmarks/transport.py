@@ -21,23 +21,20 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import sys
 import tempfile
 import time
 import uuid
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import pika
 
-import pika  # noqa: E402
-
-from broker import topology  # noqa: E402
-from common.logs import configure  # noqa: E402
-from common.transport.connection import connect, parameters  # noqa: E402
+from broker import topology
+from common.logs import configure
+from common.transport.connection import connect, parameters
 from common.transport.consumer import MessageConsumer, Outcome
-from common.transport.model_store import ModelStore, _close_without_reject  # noqa: E402
-from common.transport.publish import publish_message  # noqa: E402
-from common.wire import messages  # noqa: E402
-from common.wire.chunks import DEFAULT_CHUNK_SIZE, Reassembler, publish_chunked  # noqa: E402
+from common.transport.model_store import ModelStore, _close_without_reject
+from common.transport.publish import publish_message
+from common.wire import messages
+from common.wire.chunks import DEFAULT_CHUNK_SIZE, Reassembler, publish_chunked
 
 MB = 1024 * 1024
 

@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from common.data.audio import SAMPLE_RATE  # noqa: E402
-from common.learning.model import ModelSpec, build_model, parameter_count  # noqa: E402
-from common.learning.training import Clips, TrainConfig, train  # noqa: E402
+from common.data.audio import SAMPLE_RATE
+from common.learning.model import ModelSpec, build_model, parameter_count
+from common.learning.training import Clips, TrainConfig, train
 
 
 def _peak_mb(device: torch.device) -> float:
