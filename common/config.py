@@ -52,7 +52,7 @@ import sys
 import types
 from collections.abc import Mapping
 from pathlib import PurePath
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from common.errors import InvalidValue, MqfedError
 
@@ -60,6 +60,9 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - pyproject installs tomli on 3.10
     import tomli as tomllib
+if TYPE_CHECKING:  # annotations only (postponed): typing.TypeIs is 3.13+, DataclassInstance exists only in the stubs
+    from _typeshed import DataclassInstance
+    from typing_extensions import TypeIs
 
 __all__ = ["ConfigError", "config_to_dict", "dump_toml", "load_config", "parse_overrides", "parse_value", "rule",
            "validate"]
@@ -204,7 +207,7 @@ def dump_toml(obj: object) -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
-def _is_section(tp: object) -> bool:
+def _is_section(tp: object) -> TypeIs[type[DataclassInstance]]:
     return isinstance(tp, type) and get_origin(tp) is None and dataclasses.is_dataclass(tp)
 
 

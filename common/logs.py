@@ -45,7 +45,7 @@ def configure(level: str | None = None, json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),  # the stderr of the moment (tests swap it)
         cache_logger_on_first_use=False,
     )
 
@@ -55,7 +55,7 @@ def get_logger(name: str | None = None, **bound) -> structlog.typing.FilteringBo
     force when it logs, so a module that makes its logger at import, before `configure()`, logs as configured."""
     if name:
         bound = {"logger": name, **bound}
-    return _Deferred(bound)  # type: ignore[return-value]
+    return _Deferred(bound)  # a FilteringBoundLogger structurally: bind, and __getattr__ for the rest
 
 
 class _Deferred:

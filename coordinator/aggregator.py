@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, Protocol, TypeGuard, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Union
 
 import torch
 
@@ -45,6 +45,9 @@ from common.errors import MqfedError
 from common.logs import get_logger
 from coordinator.server_optim import ServerOptimizer, ServerOptimizerConfig
 from coordinator.staleness import STALENESS_WEIGHTINGS, make_staleness_weight
+
+if TYPE_CHECKING:  # annotations only (postponed): typing.TypeIs is 3.13+
+    from typing_extensions import TypeIs
 
 log = get_logger(__name__)
 
@@ -85,7 +88,7 @@ class SparseLike(Protocol):
 DeltaValue = Union[torch.Tensor, SparseLike]
 
 
-def _is_sparse(x: object) -> TypeGuard[SparseLike]:
+def _is_sparse(x: object) -> TypeIs[SparseLike]:
     return not isinstance(x, torch.Tensor) and all(hasattr(x, a) for a in ("indices", "values", "shape"))
 
 
@@ -183,7 +186,7 @@ class AggregatorConfig:
     @classmethod
     def synchronous(cls, concurrency: int, **overrides) -> "AggregatorConfig":
         """Synchronous FedAvg on the same machinery: K = concurrency, no staleness, constant weighting."""
-        settings = dict(buffer_size=concurrency, max_staleness=0, staleness="constant", sample_weighting=True)
+        settings: dict[str, Any] = dict(buffer_size=concurrency, max_staleness=0, staleness="constant", sample_weighting=True)
         settings.update(overrides)
         return cls(**settings)
 

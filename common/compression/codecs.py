@@ -42,7 +42,7 @@ import lzma
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Mapping, Union
+from typing import Callable, Mapping, TypeVar, Union, cast
 
 import torch
 
@@ -80,13 +80,15 @@ class UnknownCodec(CodecError):
 
 # -- codec specs --------------------------------------------------------------------------------------------
 
+_OptionValue = Union[int, float, str]  # what the option parsers (_fraction, _int_in, _one_of) return
+
 
 @dataclass(frozen=True)
 class Option:
     """One stage option: ``parse(text)`` returns the value or raises ValueError saying what is allowed."""
 
-    parse: Callable[[str], object]
-    default: object
+    parse: Callable[[str], _OptionValue]
+    default: _OptionValue
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,9 @@ class StageSpec:
     """One parsed stage: its name and every option's value (defaults filled in), in declaration order."""
 
     name: str
-    options: tuple[tuple[str, object], ...] = ()
+    options: tuple[tuple[str, _OptionValue], ...] = ()
 
-    def option(self, key: str) -> object:
+    def option(self, key: str) -> _OptionValue:
         """The value of option ``key``; raises KeyError when the stage has no such option."""
         for k, v in self.options:
             if k == key:
@@ -105,7 +107,7 @@ class StageSpec:
 
     def __str__(self) -> str:
         stage = STAGES[self.name]
-        parts = []
+        parts: list[str] = []
         for key, value in self.options:
             text = repr(value) if isinstance(value, float) else str(value)
             if key == stage.positional:
@@ -203,7 +205,7 @@ def parse_codec(spec: str | CodecSpec) -> CodecSpec:
     return CodecSpec(by_kind.get("sparsify"), by_kind.get("values"), by_kind.get("lossless"))
 
 
-def _parse_options(spec: str, name: str, stage: "Stage", text: str) -> tuple[tuple[str, object], ...]:
+def _parse_options(spec: str, name: str, stage: "Stage", text: str) -> tuple[tuple[str, _OptionValue], ...]:
     values = {k: o.default for k, o in stage.options.items()}
     items = [t.strip() for t in text.split(",")] if text.strip() else []
     seen: set[str] = set()
@@ -454,6 +456,16 @@ STAGES: dict[str, Stage] = {
     ),
 }
 
+_S = TypeVar("_S", SparsifyStage, ValueStage, LosslessStage)
+
+
+def _stage_of(kind: type[_S], name: str) -> _S:
+    """``STAGES[name]`` as a stage of ``kind``: parse_codec files each stage under its own kind in a CodecSpec."""
+    stage = STAGES[name]
+    if not isinstance(stage, kind):  # only a hand-built CodecSpec can get here
+        raise TypeError(f"stage {name!r} is a {stage.kind} stage, not a {kind.kind} stage")
+    return stage
+
 
 # -- sparse index packing -----------------------------------------------------------------------------------
 
@@ -590,10 +602,13 @@ def encode(
     entry that is not a floating-point tensor. ``delta`` is never modified.
     """
     spec = parse_codec(spec)
-    sparsify = STAGES[spec.sparsify.name] if spec.sparsify else None
-    values_stage = STAGES[spec.values.name] if spec.values else _F32
+    sparsify = spec.sparsify
+    values_stage = _stage_of(ValueStage, spec.values.name) if spec.values else _F32
     value_opts = spec.values or StageSpec("f32")
-    entries, components, decoded, raw_bytes = [], {}, {}, 0
+    entries: list[list[object]] = []  # [name, shape, layout, count, index encoding], as the header holds them
+    components: dict[str, torch.Tensor] = {}
+    decoded: dict[str, Decoded] = {}
+    raw_bytes = 0
     scratch = None
     for i, (name, tensor) in enumerate(delta.items()):
         if not isinstance(name, str) or not 0 < len(name) <= _MAX_NAME:
@@ -609,11 +624,11 @@ def encode(
         n = flat.numel()
         raw_bytes += 4 * n
         indices = None
-        if sparsify is not None and n > 1 and topk_count(n, float(spec.sparsify.option("k"))) < n:
+        if sparsify is not None and n > 1 and topk_count(n, float(sparsify.option("k"))) < n:
             if scratch is None or scratch.numel() < n or scratch.device != flat.device:
                 biggest = max(t.numel() for t in delta.values() if isinstance(t, torch.Tensor))
                 scratch = torch.empty(biggest, dtype=torch.float32, device=flat.device)
-            indices = sparsify.select(name, flat, spec.sparsify, scratch)
+            indices = _stage_of(SparsifyStage, sparsify.name).select(name, flat, sparsify, scratch)
             values = flat[indices]
         else:
             values = flat
@@ -631,9 +646,9 @@ def encode(
     body = encode_state(components)
     body_encoding, wire_body = "raw", body
     if spec.lossless is not None:
-        packed = STAGES[spec.lossless.name].compress(body, spec.lossless)
-        if len(packed) < len(body):  # the lossless stage only where it pays
-            body_encoding, wire_body = spec.lossless.name, packed
+        compressed = _stage_of(LosslessStage, spec.lossless.name).compress(body, spec.lossless)
+        if len(compressed) < len(body):  # the lossless stage only where it pays
+            body_encoding, wire_body = spec.lossless.name, compressed
     header = {"v": FORMAT_VERSION, "codec": str(spec), "body": body_encoding, "body_len": len(body), "tensors": entries}
     data = envelope.pack(MAGIC, header, wire_body)
     return EncodedUpdate(str(spec), data, raw_bytes, len(data), decoded)
@@ -689,7 +704,7 @@ def _read_entries(raw: object, spec: CodecSpec, max_elements: int) -> list[_Entr
         elif layout == "sparse":
             if spec.sparsify is None:
                 raise CodecError(f"{name}: sparse entry in a payload whose codec {spec} does not sparsify")
-            limit = STAGES[spec.sparsify.name].max_count(numel, spec.sparsify)
+            limit = _stage_of(SparsifyStage, spec.sparsify.name).max_count(numel, spec.sparsify)
             if not 0 <= count <= limit:
                 raise CodecError(f"{name}: sparse entry declares {count} values; {spec} allows 0..{limit} of {numel}")
             if index not in ("varint", "bitmap"):
@@ -700,9 +715,11 @@ def _read_entries(raw: object, spec: CodecSpec, max_elements: int) -> list[_Entr
     return entries
 
 
-def _expected_components(entries: list[_Entry], stage: ValueStage, opts: StageSpec) -> tuple[dict, int]:
+def _expected_components(entries: list[_Entry], stage: ValueStage,
+                         opts: StageSpec) -> tuple[dict[str, tuple[str, int | None]], int]:
     """{component name: (dtype name, numel or None for index bytes)} and an upper bound of the body size."""
-    wanted, bound = {}, 64
+    wanted: dict[str, tuple[str, int | None]] = {}
+    bound = 64
     for i, e in enumerate(entries):
         for role, (dname, numel) in stage.layout(e.count, opts).items():
             wanted[f"{i}.{role}"] = (dname, numel)
@@ -735,6 +752,7 @@ def decode(
         view = memoryview(data).cast("B")
     except TypeError:
         raise CodecError(f"expected bytes, got {type(data).__name__}") from None
+    body: memoryview | bytes  # bytes once the lossless stage is undone
     header, body = _read_header(view)
     if not isinstance(header["codec"], str):
         raise CodecError("header codec must be a string")
@@ -747,7 +765,7 @@ def decode(
     if expected_codec is not None and spec != parse_codec(expected_codec):
         raise CodecError(f"payload codec {str(spec)!r} differs from the expected {str(parse_codec(expected_codec))!r}")
     entries = _read_entries(header["tensors"], spec, max_elements)
-    values_stage = STAGES[spec.values.name] if spec.values else _F32
+    values_stage = _stage_of(ValueStage, spec.values.name) if spec.values else _F32
     value_opts = spec.values or StageSpec("f32")
     wanted, bound = _expected_components(entries, values_stage, value_opts)
     body_len, body_encoding = header["body_len"], header["body"]
@@ -757,7 +775,7 @@ def decode(
         if len(body) != body_len:
             raise CodecError(f"body is {len(body)} bytes, header declares {body_len} (truncated or trailing data)")
     elif spec.lossless is not None and body_encoding == spec.lossless.name:
-        body = STAGES[body_encoding].decompress(bytes(body), body_len)
+        body = _stage_of(LosslessStage, spec.lossless.name).decompress(bytes(body), body_len)
     else:
         raise CodecError(f"body encoding {body_encoding!r:.40} does not match codec {str(spec)!r}")
     try:
@@ -779,6 +797,7 @@ def decode(
         if e.layout == "dense":
             out[e.name] = values.view(e.shape)
         else:
-            indices = _unpack_indices(e.name, e.index, comps[f"{i}.x"], e.count, e.numel)
+            index = cast(str, e.index)  # _read_entries accepts a sparse entry only with "varint" or "bitmap"
+            indices = _unpack_indices(e.name, index, comps[f"{i}.x"], e.count, e.numel)
             out[e.name] = SparseTensor(indices, values, e.shape)
     return out

@@ -117,7 +117,9 @@ def generate(spec: SynthSpec, progress: bool = True) -> DatasetDict:
     for split_no, split in enumerate(SPLITS):
         n = spec.count(split)
         audio = np.zeros((n * len(KS_LABELS), CLIP_SAMPLES), dtype=np.float32)
-        labels, names, words = [], [], []
+        labels: list[int] = []
+        names: list[str] = []
+        words: list[str] = []
         for label_no, label in enumerate(KS_LABELS):
             for i in range(n):
                 rng = np.random.default_rng([spec.seed, 1 + split_no, label_no, i])

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import torch
 from transformers import (
     AutoConfig,
     AutoModelForAudioClassification,
+    PreTrainedModel,
     Wav2Vec2Config,
     Wav2Vec2FeatureExtractor,
     Wav2Vec2ForSequenceClassification,
@@ -30,9 +32,9 @@ from common.data.audio import SAMPLE_RATE
 from common.data.labels import ID2LABEL, KS_LABELS, LABEL2ID
 from common.errors import MqfedError
 
-_LABELS = dict(num_labels=len(KS_LABELS), label2id=dict(LABEL2ID), id2label=dict(ID2LABEL))
+_LABELS: dict[str, Any] = dict(num_labels=len(KS_LABELS), label2id=dict(LABEL2ID), id2label=dict(ID2LABEL))
 
-PRESETS: dict[str, dict] = {
+PRESETS: dict[str, dict[str, Any]] = {
     # A four-layer feature encoder on raw 16 kHz audio (kernels 40/8/4/4, strides 20/4/2/2: 2.5 ms windows
     # every 1.25 ms, then 5, 10 and 20 ms frames; ~2.4x the training throughput of the wav2vec2 7-layer
     # stack at 32 channels), one pre-LN transformer layer 128 wide, a 128-wide classifier projection.
@@ -100,7 +102,7 @@ def feature_extractor() -> Wav2Vec2FeatureExtractor:
                                     do_normalize=True, return_attention_mask=False)
 
 
-def save_model(model: torch.nn.Module, out_dir: str | os.PathLike) -> str:
+def save_model(model: PreTrainedModel, out_dir: str | os.PathLike) -> str:
     """`save_pretrained` the model and its feature extractor into `out_dir`; returns the path."""
     out_dir = os.fspath(out_dir)
     model.save_pretrained(out_dir)

@@ -114,6 +114,7 @@ def train(model: torch.nn.Module, clips: Clips, config: TrainConfig, device: str
     model.to(device).train()
     total = config.total_steps(len(clips))
     params = [p for p in model.parameters() if p.requires_grad]
+    opt: torch.optim.Optimizer
     if config.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     else:

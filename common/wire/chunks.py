@@ -16,7 +16,7 @@ import tempfile
 import time
 import uuid
 import zlib
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, cast
 
 from common.errors import MqfedError
 
@@ -145,17 +145,20 @@ def publish_chunked(
         for index, chunk in enumerate(iter_chunks(source, chunk_size)):
             publish(chunk, {**extra, **chunk_headers(info, index, chunk)})
         return info
-    hasher, info = hashlib.sha256(), None
+    hasher = hashlib.sha256()
+    last: TransferInfo | None = None
     for index, (size, chunk) in enumerate(_sized_chunks(source, chunk_size)):
         count = max(1, -(-size // chunk_size))
         hasher.update(chunk)
-        info = TransferInfo(tid, count, size, hasher.hexdigest() if index == count - 1 else "", chunk_size)
-        publish(chunk, {**extra, **chunk_headers(info, index, chunk)})
-    return info
+        last = TransferInfo(tid, count, size, hasher.hexdigest() if index == count - 1 else "", chunk_size)
+        publish(chunk, {**extra, **chunk_headers(last, index, chunk)})
+    return cast(TransferInfo, last)  # set: _sized_chunks yields at least one chunk (an empty payload is one)
 
 
 def is_chunk(headers: dict | None) -> bool:
-    return bool(headers) and H_TRANSFER in headers
+    if not headers:
+        return False
+    return H_TRANSFER in headers
 
 
 @dataclasses.dataclass
@@ -172,7 +175,7 @@ class CompletedTransfer:
     def read_bytes(self) -> bytes | bytearray:
         if self.data is not None:
             return self.data
-        with open(self.path, "rb") as f:
+        with open(cast(str, self.path), "rb") as f:  # no data: the payload is in the file at `path`
             return f.read()
 
     def save_to(self, dest: str | os.PathLike) -> None:
@@ -191,7 +194,7 @@ class CompletedTransfer:
             if self.data is not None:
                 out.write(self.data)
             else:
-                with open(self.path, "rb") as f:
+                with open(cast(str, self.path), "rb") as f:  # no data: the payload is in the file at `path`
                     while block := f.read(_READ_BLOCK):
                         out.write(block)
             out.flush()
@@ -235,6 +238,11 @@ class _Assembly:
         else:
             self.buffer = bytearray(self.size)
 
+    @property
+    def spool(self) -> BinaryIO:
+        """The spool file, for a transfer that is not buffered in memory (`buffer` is None)."""
+        return cast(BinaryIO, self.file)  # __init__ opens it whenever it does not allocate `buffer`
+
     def agree(self, headers: dict, index: int) -> bool:
         """Do this chunk's transfer-wide headers agree with the chunks accepted so far?"""
         if (headers[H_COUNT], headers[H_SIZE], headers[H_CHUNK_SIZE]) != (self.count, self.size, self.chunk_size):
@@ -258,9 +266,9 @@ class _Assembly:
         if self.buffer is not None:
             self.buffer[offset:offset + len(body)] = body
         else:
-            os.pwrite(self.file.fileno(), body, offset)
+            os.pwrite(self.spool.fileno(), body, offset)
             if fsync:
-                os.fsync(self.file.fileno())
+                os.fsync(self.spool.fileno())
         if index == self.hashed:
             self.hasher.update(body)
             self.hashed += 1
@@ -274,7 +282,7 @@ class _Assembly:
             else:
                 pos = offset
                 while pos < offset + n:
-                    block = os.pread(self.file.fileno(), min(_READ_BLOCK, offset + n - pos), pos)
+                    block = os.pread(self.spool.fileno(), min(_READ_BLOCK, offset + n - pos), pos)
                     self.hasher.update(block)
                     pos += len(block)
             self.hashed += 1
@@ -284,7 +292,7 @@ class _Assembly:
         if self.file is not None:
             self.file.close()
             try:
-                os.unlink(self.path)
+                os.unlink(cast(str, self.path))  # set together with `file` in __init__
             except FileNotFoundError:
                 pass
 
@@ -321,7 +329,7 @@ class Reassembler:
     def open_transfers(self) -> list[str]:
         return list(self._open)
 
-    def _validate(self, headers: dict | None, body) -> tuple[str, int]:
+    def _validate(self, headers: dict, body) -> tuple[str, int]:
         if not is_chunk(headers):
             raise InvalidChunk("message is not a chunk (no mqfed-transfer header)")
         try:
@@ -398,8 +406,8 @@ class Reassembler:
         if asm.buffer is not None:
             done = CompletedTransfer(tid, asm.size, asm.sha256, asm.first_headers, data=asm.buffer)
         else:
-            asm.file.flush()
-            asm.file.close()
+            asm.spool.flush()
+            asm.spool.close()
             done = CompletedTransfer(tid, asm.size, asm.sha256, asm.first_headers, path=asm.path)
         return AddResult(done, ack)
 

@@ -19,8 +19,8 @@ import torch
 
 from common.data import corpus
 from common.data.dataset import to_arrays
-from common.learning.model import ModelSpec, build_model, parameter_count
 from common.learning.config import SCHEDULES, TrainConfig
+from common.learning.model import ModelSpec, build_model, parameter_count
 from common.learning.training import Clips, evaluate, train
 from common.logs import configure
 

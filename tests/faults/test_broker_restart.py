@@ -124,8 +124,8 @@ def _session_like_the_daemons(url: str, topo, cache: Path, version: int) -> None
     take one task from the quorum queue."""
     from broker import topology
     from common.transport.connection import connect
-    from common.transport.publish import publish_message
     from common.transport.model_store import ModelStore
+    from common.transport.publish import publish_message
     from common.wire import messages
 
     conn = connect("test", device="hammer", url=url, attempts=1)
@@ -221,7 +221,7 @@ def test_a_connection_lost_right_after_a_checkpoint_leaves_the_version_in_the_ru
     from common.compression import codecs
     from common.config import load_config
     from common.transport.connection import connect
-    from common.transport.consumer import MessageConsumer, Outcome
+    from common.transport.consumer import MessageConsumer
     from common.transport.publish import publish_message
     from common.wire import messages
     from coordinator.experiment import ExperimentConfig
