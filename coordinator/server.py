@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,7 @@ class Coordinator:
             return {"stopped": "standby"}
         if self.fresh:
             self._start_over()
+        self.run_id = self._run_id()
         try:
             summary = run_forever(self._session, "coordinator", self.node, self.name, self.url,
                                   stop=self._stop_requested)
@@ -204,10 +206,19 @@ class Coordinator:
             topology.delete(conn.channel(), self.topo)
         finally:
             conn.close()
-        for path in (self.ckpt_path, self.record.path):
+        for path in (self.ckpt_path, self.record.path, self.run_dir / "run-id"):
             path.unlink(missing_ok=True)
         log.info("experiment_reset", experiment=self.name, run_dir=str(self.run_dir))
         self.fresh = False
+
+    def _run_id(self) -> str:
+        """This run's id (`<run_dir>/run-id`, made at the run's first start; --fresh makes a new one)."""
+        path = self.run_dir / "run-id"
+        if not path.exists():
+            tmp = path.with_name(f".run-id.{os.getpid()}")
+            tmp.write_text(uuid.uuid4().hex[:16])
+            os.replace(tmp, path)
+        return path.read_text().strip()
 
     def _session(self, conn) -> dict:
         """One broker connection's worth of work; resumes from the checkpoint first."""
@@ -303,7 +314,7 @@ class Coordinator:
     def _dispatch(self) -> None:
         for planned in self.dispatcher.to_issue(self.version, time.time()):
             task = messages.TrainTask(
-                experiment=self.name, task_id=planned.task_id, min_version=planned.min_version,
+                experiment=self.name, run_id=self.run_id, task_id=planned.task_id, min_version=planned.min_version,
                 deadline_unix=planned.deadline_unix, codec=self.cfg.tasks.codec, model=self.cfg.model.name,
                 freeze_feature_encoder=self.cfg.model.freeze_feature_encoder, local=self.cfg.local)
             publish_message(self.pub, self.topo.work_exchange, self.topo.TASKS_KEY, task, message_id=planned.task_id,

@@ -9,6 +9,7 @@ devices = ["cuda:0", "cuda:1"]   # or ["cpu"]: one trainer process per device
 data = "/data/kws"               # a KS data set directory (mqfed-worker data ...)
 shard = "speaker:1/4"            # which part of it this node trains on (common/data/shards.py)
 cache_dir = ""                   # model versions and error-feedback residuals; default $XDG_CACHE_HOME/mqfed
+cache_versions = 3               # model versions kept in the cache (the newest; older ones are deleted)
 threads = 0                      # CPU threads per trainer (0: cores / CPU trainers)
 slowdown = 1.0                   # experiments: take this many times as long per task (a straggler)
 delay_s = 0.0                    # experiments: plus this many seconds per task
@@ -38,6 +39,7 @@ class WorkerSection:
     data: str = ".cache/mqfed/synth-ks"
     shard: str = "all"
     cache_dir: str = ""
+    cache_versions: int = rule(3, ge=1)
     threads: int = rule(0, ge=0)
     slowdown: float = rule(1.0, ge=1.0)
     delay_s: float = rule(0.0, ge=0.0)

@@ -80,8 +80,7 @@ class Trainer:
             raise ConfigError(f"worker.devices: {device} is not available (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r},"
                                f" {torch.cuda.device_count() if torch.cuda.is_available() else 0} visible GPUs)")
         self.train_clips, self.val_clips = load_shards(w.data, w.shard)
-        self.ef = ErrorFeedback(w.experiment)
-        self.ef.load(self.ef_path)
+        self.ef: ErrorFeedback | None = None  # the residual of the run the last task belonged to
         self.stop_event = threading.Event()
         self.latest: messages.ModelVersion | None = None
         self.model = None
@@ -113,7 +112,8 @@ class Trainer:
             raise ExperimentNotDeclared(f"experiment {self.w.experiment}: {exc.reply_text}") from None
         self.pub = conn.channel()
         self.pub.confirm_delivery()
-        self.store = ModelStore(conn.channel(), self.topo, cache_dir=self.cache_dir)
+        self.store = ModelStore(conn.channel(), self.topo, cache_dir=self.cache_dir,
+                                cache_versions=self.w.cache_versions)
         self._follow_index(conn)
         self._register()
         tasks = MessageConsumer(conn.channel(), self.topo.tasks, self._on_task, prefetch=1,
@@ -272,7 +272,9 @@ class Trainer:
         result = self._wait_for(work)
         trained = model.state_dict()
         delta = {n: (trained[n].detach().float().cpu() - base[n].float()) for n in base if base[n].is_floating_point()}
-        encoded = self.ef.compress(delta, task.codec)
+        ef = self._residual_for(task.run_id)
+        pending = ef.prepare(delta, task.codec)
+        encoded = pending.encoded
         payload = publish_payload(self.pub, self.topo.work_exchange, self.topo.UPDATES_KEY, encoded.data,
                                   inline_max_bytes=self.w.inline_max_bytes, chunk_bytes=self.w.chunk_bytes,
                                   after_chunk=lambda: failpoint("worker.after_chunk"))
@@ -282,10 +284,19 @@ class Trainer:
                                                  "samples_per_s": result.samples_per_s, "behind": float(max(0, task.min_version - version))},
             codec=encoded.codec, raw_bytes=encoded.raw_bytes, wire_bytes=encoded.wire_bytes, payload=payload)
         publish_message(self.pub, self.topo.work_exchange, self.topo.UPDATES_KEY, update, message_id=task.task_id)
-        self.ef.save(self.ef_path)
+        ef.commit(pending)  # confirmed: what compression dropped waits for the next update
+        ef.save(self.ef_path)
         log.info("update_published", task_id=task.task_id, worker=self.worker_id, base_version=version,
                  loss=round(result.loss, 4), seconds=round(result.seconds, 2), wire_bytes=encoded.wire_bytes,
                  ratio=round(encoded.ratio, 1))
+
+    def _residual_for(self, run_id: str) -> ErrorFeedback:
+        """The error-feedback residual of run `run_id`: restored from disk when saved by that run, else zero."""
+        owner = f"{self.w.experiment}@{run_id}"
+        if self.ef is None or self.ef.experiment != owner:
+            self.ef = ErrorFeedback(owner)
+            self.ef.load(self.ef_path)
+        return self.ef
 
     def _evaluate_task(self, task: messages.EvaluateTask) -> None:
         if self.val_clips is None:

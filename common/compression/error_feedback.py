@@ -24,7 +24,10 @@ Decisions (docs/compression.md, "Error feedback", gives the reasoning):
 * **Codec changes, parameter names or shapes change: reset to zero**, with a log line. A residual
   belongs to the ``(experiment, codec)`` pair that made it; after a codec change it could hold up to
   ``1/k`` updates' worth of mass, and sending it in one go would make one oversized update.
-* **A failed encode (non-finite delta) resets the residual** (it was updated in place) and re-raises.
+* **Two phases: the residual changes only once its update is delivered.** ``prepare`` encodes and returns
+  the residual the update would leave; ``commit`` (after the publisher confirm) installs it. An upload
+  that fails half-way leaves the residual as it was, so the task redone elsewhere loses nothing here.
+* **A failed encode (non-finite delta) resets the residual** and re-raises.
 * **Lossless codecs** (``none``, ``zlib``) leave a zero residual, which is not stored.
 * **Restart:** ``save(path)`` writes the residual with its experiment and codec atomically;
   ``load(path)`` restores it. A missing or unreadable file, another experiment, or (when ``load`` is
@@ -33,13 +36,14 @@ Decisions (docs/compression.md, "Error feedback", gives the reasoning):
   a crash never keeps a residual whose update was not sent.
 
 Memory: the residual is a dense float32 copy of the model's floating-point parameters (378 MB for
-wav2vec2-base), kept on the delta's device and updated in place. Everything here is pure except
+wav2vec2-base), kept on the delta's device; between ``prepare`` and ``commit`` there are two. Everything here is pure except
 ``save``/``load``. One ``ErrorFeedback`` per trainer; it is not thread-safe.
 """
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -61,6 +65,16 @@ log = get_logger(__name__)
 MAGIC = b"MQEF"
 FORMAT = 1
 _MAX_META = 1 << 16
+
+
+@dataclass(frozen=True)
+class PendingResidual:
+    """An encoded update and the residual it leaves once delivered (`ErrorFeedback.commit`)."""
+
+    encoded: EncodedUpdate
+    codec: str
+    residual: dict[str, torch.Tensor]
+    reset_reason: str | None
 
 
 class ErrorFeedback:
@@ -95,38 +109,45 @@ class ErrorFeedback:
     def compress(
         self, delta: Mapping[str, torch.Tensor], codec: str | CodecSpec, *, generator: torch.Generator | None = None
     ) -> EncodedUpdate:
-        """Encode ``delta + residual`` with ``codec`` and keep ``residual = (delta + residual) - decoded``.
+        """`prepare` and `commit` at once: for callers whose update cannot fail to be delivered."""
+        pending = self.prepare(delta, codec, generator=generator)
+        self.commit(pending)
+        return pending.encoded
+
+    def prepare(
+        self, delta: Mapping[str, torch.Tensor], codec: str | CodecSpec, *, generator: torch.Generator | None = None
+    ) -> PendingResidual:
+        """Encode ``delta + residual`` with ``codec``; the residual it would leave, ``(delta + residual) -
+        decoded``, is returned with the encoding and takes effect only at ``commit`` (after the update's
+        publisher confirm): an update that is never confirmed leaves the residual as it was.
 
         delta: name -> floating-point tensor (any dtype or device; not modified).
-        codec: the codec spec (the task's ``codec``); a codec different from the residual's resets it.
+        codec: the codec spec (the task's ``codec``); a codec different from the residual's starts from zero.
         generator: passed to ``common.compression.codecs.encode`` (stochastic rounding).
-        Returns the EncodedUpdate (bytes, raw/wire sizes, decoded). Raises CodecError (bad codec,
-        non-finite values; the residual is reset then) or TypeError (an entry that is not a float tensor).
+        Raises CodecError (bad codec, non-finite values: the residual is reset then) or TypeError (an entry
+        that is not a float tensor).
         """
         spec = parse_codec(codec)
         key = str(spec)
-        if self._residual and key != self.codec:
-            self.reset(f"codec changed from {self.codec!r} to {key!r}")
-        elif self._residual and not self._matches(delta):
-            self.reset("parameter names or shapes changed")
-        self.codec = key
+        base, reason = self._residual, None
+        if base and key != self.codec:
+            base, reason = {}, f"codec changed from {self.codec!r} to {key!r}"
+        elif base and not self._matches(delta):
+            base, reason = {}, "parameter names or shapes changed"
         corrected: dict[str, torch.Tensor] = {}
         try:
             with torch.no_grad():
                 for name, d in delta.items():
                     if not isinstance(d, torch.Tensor) or not d.is_floating_point():
                         raise TypeError(f"{name}: expected a floating-point tensor, got {type(d).__name__}")
-                    r = self._residual.get(name)
-                    if r is None:
-                        corrected[name] = torch.empty(d.shape, dtype=torch.float32, device=d.device).copy_(d)
-                    else:
-                        if r.device != d.device:
-                            r = r.to(d.device)
-                        corrected[name] = r.add_(d)
+                    c = torch.empty(d.shape, dtype=torch.float32, device=d.device).copy_(d)
+                    r = base.get(name)
+                    if r is not None:
+                        c.add_(r.to(d.device))
+                    corrected[name] = c
                 encoded = encode(corrected, spec, generator=generator)
                 if spec.is_lossless:
-                    self._residual = {}
-                    return encoded
+                    return PendingResidual(encoded, key, {}, reason)
                 for name, dec in encoded.decoded.items():
                     c = corrected[name]
                     if isinstance(dec, SparseTensor):
@@ -134,10 +155,15 @@ class ErrorFeedback:
                     else:
                         c.sub_(dec)
         except Exception as exc:
-            self.reset(f"encode failed: {exc}")  # the residual was being updated in place
+            self.reset(f"encode failed: {exc}")  # a non-finite sum may come from the residual itself
             raise
-        self._residual = corrected
-        return encoded
+        return PendingResidual(encoded, key, corrected, reason)
+
+    def commit(self, pending: PendingResidual) -> None:
+        """Make ``pending``'s residual the residual: its update was delivered."""
+        if pending.reset_reason:
+            self.reset(pending.reset_reason)
+        self.codec, self._residual = pending.codec, pending.residual
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the residual, experiment and codec to ``path`` atomically (temporary file, fsync, rename).

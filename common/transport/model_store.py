@@ -148,8 +148,9 @@ class ModelStore:
 
     def __init__(self, channel, names, cache_dir: str | os.PathLike | None = None,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, prefetch: int = 4, index_wait_s: float = 0.5,
-                 confirm_window: int = 8):
+                 confirm_window: int = 8, cache_versions: int | None = None):
         self.channel, self.names = channel, names
+        self.cache_versions = cache_versions  # None: keep every fetched version on disk
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.chunk_size, self.prefetch, self.index_wait_s = chunk_size, prefetch, index_wait_s
         self.confirm_window = confirm_window
@@ -240,6 +241,15 @@ class ModelStore:
         return ann
 
     # -- fetching -----------------------------------------------------------------------------------------
+    def _prune_cache(self, keep: Path) -> None:
+        """Delete all but the `cache_versions` newest cached versions (never `keep`, the one just fetched)."""
+        if self.cache_versions is None:
+            return
+        cached = sorted(keep.parent.glob("model-v*.bin"))  # zero-padded versions: name order is version order
+        for old in [p for p in cached if p != keep][:max(0, len(cached) - self.cache_versions)]:
+            old.unlink(missing_ok=True)
+            log.info("model_cache_pruned", path=str(old), keep=self.cache_versions)
+
     def cached_path(self, version: int) -> Path:
         return self.cache_dir / self.names.experiment / f"model-v{version:08d}.bin"
 
@@ -295,4 +305,5 @@ class ModelStore:
                                 f" stream at offset {ann.stream_offset} (truncated by retention?)")
         done.save_to(path)
         log.info("model_fetched", version=ann.version, bytes=ann.size_bytes, chunks_read=read)
+        self._prune_cache(path)
         return FetchResult(path, ann, read, False)

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import msgpack
 
-from common.learning.config import TrainConfig
-
 from common.errors import MqfedError
+from common.learning.config import TrainConfig
 
 SCHEMA_VERSION = 2  # 2: TrainTask carries typed local-training settings (`local`), not an options map
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # inline payloads are limited to this; bigger ones travel chunked
@@ -60,9 +59,11 @@ class PayloadRef:
 @dataclass(frozen=True)
 class TrainTask:
     """Train `model` from the newest version >= `min_version` (or the newest there is) with `local`, compress
-    the delta with `codec`, answer before `deadline_unix`."""
+    the delta with `codec`, answer before `deadline_unix`. `run_id` names the run (a fresh start makes a new
+    one): a worker's error-feedback residual belongs to one run."""
 
     experiment: str
+    run_id: str
     task_id: str
     min_version: int
     deadline_unix: float

@@ -341,7 +341,7 @@ DECODE_CASES = {
     "payload-ref-with-both": (lambda fed: fed.raw_update("x", payload={"inline": b"x", "transfer_id": "t"}),
                               "InvalidField", "exactly one of inline or transfer_id"),
     "train-task-on-updates-queue": (lambda fed: messages.encode(messages.TrainTask(
-        fed.topo.experiment, "t", 0, time.time() + 60, "none", "kws-tiny", False,
+        fed.topo.experiment, "run-1", "t", 0, time.time() + 60, "none", "kws-tiny", False,
         TrainConfig(steps=1, batch_size=1, learning_rate=0.1))), "InvalidField",
         "train_task message on the updates queue"),
     "update-for-a-transfer-never-sent": (lambda fed: messages.encode(fed.update(

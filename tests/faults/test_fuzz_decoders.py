@@ -120,7 +120,7 @@ def _edit_map(draw, body: dict, interesting_keys: list) -> dict:
 
 _FAR = 4_000_000_000.0
 MESSAGE_SEEDS = [
-    messages.TrainTask("exp", "t1", 3, _FAR, "topk:0.01", "kws-tiny", False,
+    messages.TrainTask("exp", "run-1", "t1", 3, _FAR, "topk:0.01", "kws-tiny", False,
                        TrainConfig(steps=50, epochs=1.0, batch_size=16, learning_rate=1e-4)),
     messages.EvaluateTask("exp", "e1", 4, "validation", _FAR),
     messages.Update("exp", "t1", "node-a/cpu", 3, 128, {"loss": 0.5}, "none", 400, 2,
@@ -581,7 +581,7 @@ def test_a_train_task_with_local_settings_of_the_wrong_type_is_dead_lettered_not
 
     fake._wait_for = wait_for
     fake.stop_event = types.SimpleNamespace(is_set=lambda: False)
-    body = msgpack.unpackb(messages.encode(messages.TrainTask("exp", "t1", 0, _FAR, "none", "kws-tiny", False,
+    body = msgpack.unpackb(messages.encode(messages.TrainTask("exp", "run-1", "t1", 0, _FAR, "none", "kws-tiny", False,
                                                               TrainConfig(steps=1, batch_size=16))), raw=False)
     body["local"].update(local)
     ch = _deliver_task(fake, msgpack.packb(body, use_bin_type=True))

@@ -95,3 +95,17 @@ def test_the_confirm_window_delivers_everything_and_raises_on_an_unroutable_mess
             window.wait_confirmed()
     finally:
         window.close()
+
+
+def test_the_cache_keeps_only_the_newest_versions_it_is_allowed(connection, topo, tmp_path):
+    ch = connection.channel()
+    ch.confirm_delivery()
+    store = ModelStore(ch, topo, cache_dir=tmp_path / "pub", chunk_size=64 * 1024)
+    for v in range(1, 6):
+        store.publish(v, _payload(v))
+    reader = ModelStore(connection.channel(), topo, cache_dir=tmp_path / "worker", chunk_size=64 * 1024,
+                        cache_versions=2)
+    for v in (1, 2, 3, 5, 4):  # an older version fetched last is still kept: it is the one in use
+        assert reader.fetch(v).path.read_bytes() == _payload(v)
+    cached = sorted(p.name for p in (tmp_path / "worker" / topo.experiment).glob("model-v*.bin"))
+    assert cached == ["model-v00000004.bin", "model-v00000005.bin"]

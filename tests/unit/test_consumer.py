@@ -11,7 +11,7 @@ from common.transport.consumer import MessageConsumer, Outcome
 from common.wire import messages
 from common.wire.chunks import publish_chunked
 
-TASK = messages.TrainTask("exp", "t1", 0, 4e9, "none", "kws-tiny", False, TrainConfig(steps=1))
+TASK = messages.TrainTask("exp", "run-1", "t1", 0, 4e9, "none", "kws-tiny", False, TrainConfig(steps=1))
 
 
 class Channel:

@@ -219,3 +219,28 @@ def test_residual_follows_the_delta_device_and_dtype():
     ef.compress(d, "topk:0.1")
     assert all(t.dtype is torch.float32 for t in ef.residual.values())
     ef.compress(d, "topk:0.1")
+
+
+def test_a_prepared_update_changes_the_residual_only_once_committed():
+    ef = ErrorFeedback("exp")
+    deltas = list(_deltas(3))
+    ef.compress(deltas[0], "topk:0.1+int8")
+    before = {n: t.clone() for n, t in ef.residual.items()}
+    lost = ef.prepare(deltas[1], "topk:0.1+int8")  # its upload fails: never committed
+    assert all(torch.equal(ef.residual[n], before[n]) for n in before)
+    redone = ef.prepare(deltas[1], "topk:0.1+int8")  # the task redone elsewhere starts from the same residual
+    assert redone.encoded.data == lost.encoded.data
+    ef.commit(redone)
+    decoded = decode(redone.encoded.data)
+    for n in before:  # telescoping: residual_before + delta == decoded + residual_after
+        d = decoded[n].to_dense() if hasattr(decoded[n], "to_dense") else decoded[n]
+        torch.testing.assert_close(before[n] + deltas[1][n], d + ef.residual[n], rtol=0, atol=1e-6)
+
+
+def test_a_residual_saved_by_another_run_is_not_restored(tmp_path):
+    path = tmp_path / "residual.bin"
+    old = ErrorFeedback("exp@run-a")
+    old.compress(next(_deltas(1)), "topk:0.1")
+    old.save(path)
+    assert ErrorFeedback("exp@run-a").load(path)
+    assert not ErrorFeedback("exp@run-b").load(path)  # --fresh made a new run: its residual starts at zero

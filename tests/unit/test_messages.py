@@ -7,7 +7,7 @@ from common.learning.config import TrainConfig
 from common.wire import messages as m
 
 EXAMPLES = [
-    m.TrainTask("exp", "t1", 3, 1700000000.0, "topk-0.01", "kws-tiny", False,
+    m.TrainTask("exp", "run-1", "t1", 3, 1700000000.0, "topk-0.01", "kws-tiny", False,
                 TrainConfig(steps=50, batch_size=16, learning_rate=1e-4, seed=1)),
     m.EvaluateTask("exp", "e1", 4, "test", 1700000000.0),
     m.Update("exp", "t1", "node-a:cuda:0", 3, 128, {"loss": 0.5}, "fp32", 400, 380, m.PayloadRef(inline=b"\x00\x01")),
