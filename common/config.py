@@ -1,44 +1,10 @@
 """TOML configuration into frozen dataclasses, with environment and command-line overrides.
 
-A config is a frozen dataclass whose fields are plain values (``str``, ``int``, ``float``, ``bool``,
-``X | None``, ``list[str]``, ``tuple[...]``, ``dict[str, float]``, ``Literal[...]``, ``Path``) or
-dataclass-typed fields, the sections, nested to any depth (a section is not Optional). Layers, lowest
-to highest::
-
-    dataclass defaults  <  TOML file  <  environment  <  overrides (dotted keys, from CLI flags)
-
-For ``Experiment(name: str, fedbuff: AggregatorConfig)`` the file ``exp.toml``::
-
-    name = "ks-baseline"
-
-    [fedbuff]
-    buffer_size = 8
-    max_staleness = "none"      # TOML has no null: "none" means None where a string is not a valid value
-
-and ``MQFED_FEDBUFF_BUFFER_SIZE=4 MQFED_NAME=ks-tuned`` in the environment, then
-``load_config(Experiment, "exp.toml", overrides={"fedbuff.staleness_a": 0.25})`` gives name "ks-tuned",
-buffer_size 4, staleness_a 0.25 and every other value from the file or the dataclass defaults. A section
-absent from every layer is its field's default; a section partly set starts from that default.
-
-Environment: ``env_prefix`` + the dotted path with dots as ``_``, upper-cased (``fedbuff.buffer_size``
--> ``MQFED_FEDBUFF_BUFFER_SIZE``, top-level ``name`` -> ``MQFED_NAME``), matched against the known paths,
-never split on ``_``. A value is read as a TOML value when it parses and fits the field (``4``, ``0.5``,
-``true``, ``["a", "b"]``, ``{a = 1.0}``, ``"quoted"``), otherwise as the bare string (``node-a``; ``123``
-for a str field stays ``"123"``). For an Optional field ``""`` and ``none`` (any case) mean None.
-Prefixed variables that match no field are ignored, because other tools share the prefix
-(``MQFED_LOG_LEVEL``, ``MQFED_CACHE_DIR``), except under a section of the config being loaded: a
-misspelt ``MQFED_FEDBUFF_BUFER_SIZE`` is refused (with a suggestion) when the config has a ``fedbuff``
-section. ``strict_env=True`` refuses every unmatched prefixed variable.
-
-Everything is checked once, at load: unknown keys (with "did you mean"), wrong types (bool is not an
-int, an int is accepted for a float, None only for Optional fields), a section given as a value or a
-value as a table, a missing or unparsable file. The errors are ``ConfigError`` (a ``ValueError``) naming
-the dotted key and its source: the file path, the environment variable, or ``override``. Errors raised by
-a dataclass's ``__post_init__`` come back as ``ConfigError`` prefixed with the section's path.
-
-``config_to_dict`` gives the plain nested dict (for JSON); ``dump_toml`` writes TOML that loads back to
-an equal config. It omits None fields whose default is None and writes ``"none"`` for the others; a
-``str | None`` field with a non-None default cannot be written as None and is refused.
+Layers, lowest to highest: dataclass defaults < TOML file < environment (``MQFED_<SECTION>_<KEY>``) <
+overrides (dotted keys, from ``--set``). Invariants: an unknown key, a wrong type or an impossible value
+is refused at load with a `ConfigError` naming the dotted key and where its value came from; a config
+class states each default once and its rules on the field (`rule`), checked by `validate` in
+``__post_init__``; `dump_toml` writes TOML that loads back equal. docs/configuration.md.
 """
 from __future__ import annotations
 

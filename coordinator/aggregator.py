@@ -1,35 +1,11 @@
-"""The FedBuff aggregator (Nguyen et al., "Federated Learning with Buffered Asynchronous Aggregation",
-AISTATS 2022) as pure code: values in, values out; no broker, no disk, no clock.
+"""The FedBuff aggregator (Nguyen et al., AISTATS 2022) as pure code: values in, values out; no broker, no
+disk, no clock.
 
-Delta direction
----------------
-A client update carries ``delta = trained - base``: the client's parameters after local training minus
-the global parameters of version ``base_version`` it started from (the direction the client moved, the
-same convention as FLSim's async aggregators). The buffer accumulates weighted deltas; the server
-optimizer (coordinator/server_optim.py) receives the weighted mean ``d`` and sets ``param.grad = -d``
-before ``optimizer.step()``, so ``sgd`` with ``lr = 1`` gives ``param + d``.
-
-Weighting and normalisation
----------------------------
-An update ``i`` with staleness ``s_i = version - base_version`` and ``n_i`` samples gets
-
-    p_i = n_i if config.sample_weighting else 1        (its share of the buffer)
-    w_i = staleness_weight(s_i) * p_i                   (what multiplies delta_i in the buffer)
-    d   = sum_i w_i * delta_i / sum_i p_i               (the delta handed to the server optimizer)
-
-The normaliser is the sum of the *sample* weights, not of ``w_i``. Without sample weighting it is the
-buffer size ``K``, exactly the paper's ``(1/K) * sum_i s(tau_i) * delta_i``, so staleness discounting
-shrinks the whole step when the buffer is stale instead of cancelling out. With sample weighting and no
-staleness (synchronous FedAvg) it is the sample-weighted mean of the client models. See
-docs/aggregation.md for the reasoning.
-
-Validation, staleness and idempotency
--------------------------------------
-``Aggregator.add`` checks an update before it touches the buffer and raises ``UpdateRejected`` with a
-reason code (``REASONS``); every rejection is counted. An update whose key ``(experiment, task_id,
-worker_id, base_version)`` was already accepted returns ``"duplicate"`` and is counted, never applied
-twice. Only floating-point entries of the model state aggregate; non-float entries (integer counters,
-boolean masks) are never sent by clients and are left unchanged by the server.
+Contract: a client update carries ``delta = trained - base``; ``add`` validates it (raising `UpdateRejected`
+with a reason from ``REASONS``, counted), weights it by staleness and sample count, buffers it, and at K
+updates hands the mean ``sum_i w_i delta_i / sum_i p_i`` to the server optimizer as ``grad = -mean``.
+An update whose key was accepted already is a ``duplicate``, never applied twice; keys older than
+``max_staleness`` are forgotten below a durable floor. Reasoning: docs/aggregation.md.
 """
 from __future__ import annotations
 
@@ -130,6 +106,9 @@ class AppliedKeys:
 
     def __init__(self, keys: Iterable[UpdateKey] = ()) -> None:
         self._keys: set[UpdateKey] = set(keys)
+        #: Keys with a base version below this were forgotten (`prune`): whether such an update was applied
+        #: is no longer known, so none is ever applied again, whatever the config of a resumed run says.
+        self.floor = 0
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys
@@ -148,14 +127,19 @@ class AppliedKeys:
         """Forget keys with ``base_version < below_version``; returns how many were dropped."""
         old = {k for k in self._keys if k.base_version < below_version}
         self._keys -= old
+        self.floor = max(self.floor, below_version)
         return len(old)
 
-    def state_dict(self) -> list[list]:
-        """Sorted ``[experiment, task_id, worker_id, base_version]`` lists (msgpack/JSON friendly)."""
-        return sorted([k.experiment, k.task_id, k.worker_id, k.base_version] for k in self._keys)
+    def state_dict(self) -> dict:
+        """``{"keys": sorted [experiment, task_id, worker_id, base_version] lists, "floor": int}``."""
+        return {"keys": sorted([k.experiment, k.task_id, k.worker_id, k.base_version] for k in self._keys),
+                "floor": self.floor}
 
-    def load_state_dict(self, state: Iterable[Iterable]) -> None:
-        self._keys = {UpdateKey(str(e), str(t), str(w), int(v)) for e, t, w, v in state}
+    def load_state_dict(self, state: Mapping | Iterable[Iterable]) -> None:
+        """Restore a ``state_dict`` (or the bare key list of format 1, whose floor was not kept)."""
+        keys = state["keys"] if isinstance(state, Mapping) else state
+        self.floor = int(state["floor"]) if isinstance(state, Mapping) else 0
+        self._keys = {UpdateKey(str(e), str(t), str(w), int(v)) for e, t, w, v in keys}
 
 
 @dataclass(frozen=True)
@@ -323,11 +307,12 @@ class Aggregator:
         untouched then.
         """
         key = update.key
-        if key in self.applied_keys:
-            self.counters["duplicates"] += 1
-            log.info("update_duplicate", **asdict(key))
+        if self.seen(key):
             return AddResult("duplicate")
         try:
+            if key.base_version < self.applied_keys.floor:
+                raise UpdateRejected("stale", f"base_version {key.base_version} is below {self.applied_keys.floor},"
+                                              " the oldest version whose applied updates are remembered")
             staleness = self.validate(update)
         except UpdateRejected as exc:
             rejected = self.counters["rejected"]
@@ -343,6 +328,14 @@ class Aggregator:
         log.debug("update_buffered", staleness=staleness, weight=weight, buffered=self.buffered, **asdict(key))
         record = self.aggregate() if self.buffered >= self.config.buffer_size else None
         return AddResult("accepted", staleness=staleness, weight=weight, record=record)
+
+    def seen(self, key: UpdateKey) -> bool:
+        """Was the update with ``key`` accepted already? (counted and logged as a duplicate when it was)"""
+        if key not in self.applied_keys:
+            return False
+        self.counters["duplicates"] += 1
+        log.info("update_duplicate", **asdict(key))
+        return True
 
     def aggregate(self) -> AggregationRecord:
         """Apply the buffered weighted mean through the server optimizer now, bump the version, clear the buffer.

@@ -116,6 +116,18 @@ class TasksSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    """A full checkpoint after `every_versions` versions or `every_s` seconds since the last, whichever comes
+    first, and at the end; between checkpoints the write-ahead log holds every accepted update."""
+
+    every_versions: int = rule(10, ge=1)
+    every_s: float = rule(60.0, gt=0)
+
+    def __post_init__(self) -> None:
+        validate(self, "checkpoint")
+
+
+@dataclasses.dataclass(frozen=True)
 class StopSection:
     """The experiment ends at the first of: `max_versions` versions, central test accuracy >=
     `target_accuracy`, `max_wall_s` seconds (0 disables a condition; at least one must be set)."""
@@ -141,6 +153,7 @@ class ExperimentConfig:
     # seeds each task from this seed, its own id and the task id).
     local: TrainConfig = TrainConfig(steps=40)
     tasks: TasksSection = TasksSection()
+    checkpoint: CheckpointSection = CheckpointSection()
     stop: StopSection = StopSection()
 
 

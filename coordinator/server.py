@@ -7,10 +7,12 @@ active (an exclusive lock); a lost connection resumes from the checkpoint. docs/
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -33,18 +35,14 @@ from common.transport.consumer import Delivery, MessageConsumer, Outcome
 from common.transport.model_store import ModelStore
 from common.transport.publish import publish_message
 from common.wire import messages
-from common.wire.chunks import Reassembler
+from common.wire.chunks import CompletedTransfer, Reassembler
 from common.wire.tensors import encode_state
 from coordinator import checkpoint
-from coordinator.aggregator import (
-    AggregationRecord,
-    Aggregator,
-    ClientUpdate,
-    UpdateRejected,
-)
+from coordinator.aggregator import AggregationRecord, Aggregator, ClientUpdate, UpdateKey, UpdateRejected
 from coordinator.dispatch import Dispatcher
 from coordinator.experiment import ExperimentConfig
 from coordinator.record import RunRecord
+from coordinator.wal import WriteAheadLog
 
 log = get_logger(__name__)
 
@@ -92,6 +90,11 @@ class Coordinator:
         self.eval_clips = load_clips(cfg, cfg.data.eval_split, cfg.data.eval_max_clips)
         self._stop_requested = threading.Event()
         self._lock_fd: int | None = None
+        self.wal = WriteAheadLog(self.run_dir / "wal")
+        self.spool_dir = self.run_dir / "spool"
+        self.spool_dir.mkdir(exist_ok=True)
+        self._writer: threading.Thread | None = None
+        self._writer_error: BaseException | None = None
         self._reset()
 
     # -- state -------------------------------------------------------------------------------------------
@@ -106,7 +109,8 @@ class Coordinator:
         self.elapsed_before = 0.0
         self.best = {"accuracy": -1.0, "version": -1}
         self.last_eval: dict | None = None
-        self.pending_acks: list[int] = []
+        self.wal_seq = 0  # the last logged update the in-memory state holds
+        self._ckpt_at = (0, time.monotonic())  # (version, time) of the last checkpoint
         self.window = {"wire": 0, "raw": 0}
         self.counters = {"dead_lettered": 0, "stale_dropped": 0, "codec_errors": 0, "tasks_expired": 0}
         self.workers: dict[str, dict] = {}
@@ -120,14 +124,28 @@ class Coordinator:
             "best": dict(self.best),
             "counters": dict(self.counters),
             "workers": json.dumps(self.workers),
+            "wal_seq": self.wal_seq,
         }
 
-    def _resume(self) -> bool:
+    def _resume(self) -> None:
+        """The state the last checkpoint holds, then the write-ahead log past it replayed in order."""
+        self._join_writer()
         state = checkpoint.load(self.ckpt_path, self.name)
         self._reset()
-        if state is None:
-            self.record.truncate_after(-1)
-            return False
+        if state is not None:
+            self._load(state)
+        self.record.truncate_after(self.version)
+        replayed = self.wal.records(after=self.wal_seq)
+        for rec in replayed:
+            meta = {f.name: rec.meta[f.name] for f in dataclasses.fields(messages.Update) if f.name != "payload"}
+            self._apply(messages.Update(**meta, payload=messages.PayloadRef(transfer_id="wal")), rec.read_payload(),
+                        replayed=rec.seq)
+        self._ckpt_at = (self.version if state is None else int(state["aggregator"]["version"]), time.monotonic())
+        if state is not None or replayed:
+            log.info("coordinator_resumed", version=self.version, elapsed_s=round(self.elapsed_before, 1),
+                     best=self.best, buffered=self.aggregator.buffered, replayed=len(replayed))
+
+    def _load(self, state: dict) -> None:
         self.aggregator.load_state_dict(state["aggregator"])
         self.dispatcher.load_state_dict(state["dispatcher"])
         self.elapsed_before = float(state["elapsed_s"])
@@ -139,15 +157,7 @@ class Coordinator:
                 self.best = {"accuracy": info["accuracy"], "version": info["version"]}
         self.counters.update(state["counters"])
         self.workers = json.loads(state["workers"])
-        self.record.truncate_after(self.version)
-        versions = [e["version"] for e in self.record.lines() if e.get("kind") is None]
-        if state.get("record_entry") and (not versions or versions[-1] < self.version):
-            # The line of the checkpoint's own version, lost when the coordinator died after the checkpoint
-            # and before writing it (its evaluation, if any, was lost with it).
-            self.record.append(json.loads(state["record_entry"]))
-        log.info("coordinator_resumed", version=self.aggregator.version, elapsed_s=round(self.elapsed_before, 1),
-                 best=self.best, buffered=self.aggregator.buffered)
-        return True
+        self.wal_seq = int(state["wal_seq"])
 
     def elapsed(self) -> float:
         return self.elapsed_before + (time.monotonic() - self._session_start)
@@ -208,6 +218,10 @@ class Coordinator:
             conn.close()
         for path in (self.ckpt_path, self.record.path, self.run_dir / "run-id"):
             path.unlink(missing_ok=True)
+        for directory in (self.wal.dir, self.spool_dir):
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+        self.wal = WriteAheadLog(self.wal.dir)
         log.info("experiment_reset", experiment=self.name, run_dir=str(self.run_dir))
         self.fresh = False
 
@@ -243,10 +257,14 @@ class Coordinator:
             events.queue_bind(q, self.topo.events, routing_key=key)
         events.basic_consume(q, self._on_event, auto_ack=True)
         prefetch = max(16, 2 * self.aggregator.config.buffer_size + 8)
+        if getattr(self, "consumer", None) is not None:
+            self.consumer.release()  # the last session's spools stay on disk: recovered just below
         self.consumer = MessageConsumer(conn.channel(), self.topo.updates, self._on_update, prefetch=prefetch,
-                                        reassembler=Reassembler(spill_threshold=0, spool_dir=str(self.run_dir),
-                                                                    timeout_s=self.cfg.tasks.transfer_timeout_s),
+                                        reassembler=Reassembler(spill_threshold=0, spool_dir=str(self.spool_dir),
+                                                                timeout_s=self.cfg.tasks.transfer_timeout_s,
+                                                                journaled=True),
                                         consumer_tag=f"coordinator:{self.node or os.uname().nodename}:{os.getpid()}")
+        self.consumer.recover()
         log.info("coordinator_started", experiment=self.name, version=self.version, mode=self.cfg.fedbuff.mode,
                  params=parameter_count(self.model), concurrency=self.cfg.fedbuff.concurrency,
                  buffer_size=self.aggregator.config.buffer_size)
@@ -274,6 +292,7 @@ class Coordinator:
             raise Stop("max_wall_s")
 
     def _finish(self, reason: str, ch) -> dict:
+        self._checkpoint(wait=True)
         test = None
         if reason != "signal":
             if self.last_eval is None or self.last_eval["version"] != self.version:
@@ -340,10 +359,20 @@ class Coordinator:
             log.info("federated_eval", worker=msg.source, version=msg.version, **msg.values)
 
     def _on_update(self, delivery: Delivery) -> Outcome:
-        msg, payload = delivery.message, delivery.payload
+        msg = delivery.message
         if not isinstance(msg, messages.Update):
             raise messages.InvalidField(f"{messages.type_tag(msg)} message on the updates queue")
-        data = payload.read_bytes() if payload is not None else msg.payload.inline
+        if self.aggregator.seen(UpdateKey(msg.experiment, msg.task_id, msg.worker_id, msg.base_version)):
+            self.dispatcher.finished(msg.task_id, False, self.version)
+            return Outcome.ACK  # applied already (a redelivery): its payload is not needed
+        if msg.payload.transfer_id is not None and delivery.payload is None:
+            raise messages.InvalidField(f"payload transfer {msg.payload.transfer_id} not received (or incomplete)")
+        return self._apply(msg, delivery.payload if delivery.payload is not None else msg.payload.inline)
+
+    def _apply(self, msg: messages.Update, payload: bytes | CompletedTransfer, replayed: int = 0) -> Outcome:
+        """Decode, validate and buffer one update; log it (unless `replayed`, its log sequence number) before
+        it is acknowledged. Raises InvalidField for what is dead-lettered."""
+        data = payload.read_bytes() if isinstance(payload, CompletedTransfer) else payload
         version = self.version
         try:
             delta = codecs.decode(data, expected_codec=msg.codec, max_elements=self.numel)
@@ -369,13 +398,17 @@ class Coordinator:
         self.dispatcher.finished(msg.task_id, result.status == "accepted", version)
         if result.status == "duplicate":
             return Outcome.ACK
-        self.pending_acks.append(delivery.tag)
-        failpoint("coordinator.after_buffer")
+        if replayed:
+            self.wal_seq = replayed
+        else:
+            fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg) if f.name != "payload"}
+            self.wal_seq = self.wal.append(fields, payload)  # durable before the ack that follows
+            failpoint("coordinator.after_buffer")
         self.window["wire"] += msg.wire_bytes
         self.window["raw"] += msg.raw_bytes
         if result.record is not None:
-            self._new_version(result.record)
-        return Outcome.DEFER
+            self._new_version(result.record, replaying=bool(replayed))
+        return Outcome.ACK
 
     # -- versions ----------------------------------------------------------------------------------------
     def _evaluate(self) -> EvalResult:
@@ -396,31 +429,33 @@ class Coordinator:
             os.replace(self.export_dir, old)
         os.replace(tmp, self.export_dir)
         if old.exists():
-            import shutil
-
             shutil.rmtree(old, ignore_errors=True)
 
     def _publish_model(self) -> None:
         self.store.publish(self.version, encode_state({n: t.detach() for n, t in self.state.items()}))
 
-    def _new_version(self, record: AggregationRecord) -> None:
-        """Checkpoint, acknowledge, publish; then evaluate (workers need the model first) and record."""
+    def _new_version(self, record: AggregationRecord, replaying: bool = False) -> None:
+        """Publish (workers need the model first), evaluate, record, checkpoint when due. A version rebuilt
+        from the log at resume is only recorded: its model was published, or the newest is at start."""
         entry = {"version": record.version, "time_s": round(self.elapsed(), 2), "accuracy": None, "loss": None,
                  "staleness": list(record.staleness), "workers": list(record.worker_ids),
                  "tasks": list(record.task_ids), "updates": len(record.worker_ids),
                  "bytes_received": self.window["wire"], "raw_bytes": self.window["raw"],
                  "compression_ratio": round(self.window["raw"] / max(1, self.window["wire"]), 2),
                  "delta_norm": round(record.delta_norm, 6)}
-        checkpoint.save(self.ckpt_path, {**self._checkpoint_state(), "record_entry": json.dumps(entry)})
-        self.consumer.ack(self.pending_acks)
-        self.pending_acks = []
         self.window = {"wire": 0, "raw": 0}
+        if replaying:
+            self.record.append(entry)
+            return
         self._publish_model()
         every = self.cfg.tasks.eval_every
         if every and record.version % every == 0:
             result = self._evaluate()
             entry.update(accuracy=round(result.accuracy, 4), loss=round(result.loss, 4))
         self.record.append(entry)
+        every_versions, every_s = self.cfg.checkpoint.every_versions, self.cfg.checkpoint.every_s
+        if self.version - self._ckpt_at[0] >= every_versions or time.monotonic() - self._ckpt_at[1] >= every_s:
+            self._checkpoint()
         fe = self.cfg.tasks.federated_eval_every
         if fe and record.version % fe == 0:
             self._issue_evaluations()
@@ -428,6 +463,34 @@ class Coordinator:
                  best=round(self.best["accuracy"], 4))
         if self.on_version is not None:
             self.on_version(entry)
+
+    def _checkpoint(self, wait: bool = False) -> None:
+        """Write a checkpoint of the state now, off this thread (one write at a time), then cut the log up to
+        what it holds. wait: return only once it is on disk."""
+        self._join_writer()
+        state, seq = self._checkpoint_state(), self.wal_seq  # tensors cloned: the state moves on meanwhile
+        self._ckpt_at = (self.version, time.monotonic())
+
+        def write() -> None:
+            try:
+                checkpoint.save(self.ckpt_path, state)
+                self.wal.cut(seq)
+            except BaseException as exc:  # handed to the main thread at the next join
+                self._writer_error = exc
+
+        self._writer = threading.Thread(target=write, name="checkpoint-writer")
+        self._writer.start()
+        if wait:
+            self._join_writer()
+
+    def _join_writer(self) -> None:
+        """Wait for the checkpoint being written; re-raise its error here."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._writer_error is not None:
+            error, self._writer_error = self._writer_error, None
+            raise error
 
     def _issue_evaluations(self) -> None:
         """One evaluate task per registered trainer (they answer with metrics on the events exchange)."""

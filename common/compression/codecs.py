@@ -1,40 +1,11 @@
 """Update codecs: compress a model delta (name -> float tensor) into self-describing bytes and back.
 
-A codec is named by a string spec, stages joined by ``+`` in pipeline order (see docs/compression.md):
-
-    none                      fp32, as is
-    fp16 | bf16               values cast to half precision
-    int8[:block=256,round=nearest|stochastic]
-                              values quantised to int8 with one fp32 scale per block of ``block`` values
-    topk[:k=]0.01             per tensor, keep the round(k * numel) largest magnitudes (at least 1)
-    zlib[:level=6] | lzma[:preset=6]
-                              lossless stage over the whole encoded body (stored raw when it does not pay)
-
-At most one stage of each kind, in the order sparsify (topk) -> values (fp16/bf16/int8) -> lossless
-(zlib/lzma): ``topk:0.01+int8+zlib``. ``STAGES`` is a plain dict from stage name to its implementation.
-
-``encode(delta, spec)`` returns an ``EncodedUpdate`` with the bytes, their raw (dense fp32) and wire sizes,
-and ``decoded``: exactly what ``decode`` will reconstruct (bit for bit), computed without decoding, so
-error feedback (common/compression/error_feedback.py) can keep the residual. ``decode(data)`` returns dense float32
-tensors or ``common.compression.sparse.SparseTensor`` (float32 values, sorted unique int64 indices), which the
-aggregator adds into its buffer without densifying. Everything is vectorised in torch: the only Python
-loops run over the tensors of a state dict or over the (at most 9) byte positions of a varint.
-
-Wire layout (a common.wire.envelope; all little-endian)::
-
-    b"MQC1" | u32 header length | msgpack header | body
-
-    header = {"v": 1, "codec": canonical spec, "body": "raw" | "zlib" | "lzma", "body_len": int,
-              "tensors": [[name, shape, layout ("dense" | "sparse"), count, index ("varint" | "bitmap" | None)]]}
-    body   = a common.wire.tensors frame (after the lossless stage, if any) holding, for the i-th tensor,
-             "<i>.v" (values: f32 | f16 | bf16) or "<i>.q" (int8) + "<i>.s" (f32 block scales),
-             and for sparse tensors "<i>.x" (u8: packed indices).
-
-Sparse indices are sorted and sent as gaps ``d[0] = idx[0]``, ``d[j] = idx[j] - idx[j-1] - 1`` in LEB128
-varints (7 bits per byte), or as a bitmap of ``ceil(numel / 8)`` bytes when that is smaller (density
-above about 1/8). Decoding is strict and bounded: every inconsistency raises ``CodecError`` naming the
-tensor and the problem, and nothing larger than the declared shapes (checked against ``max_elements``)
-is ever allocated.
+A codec is a spec string of stages joined by ``+``, at most one per kind, in the order sparsify (``topk``) ->
+values (``fp16``, ``bf16``, ``int8``) -> lossless (``zlib``, ``lzma``), e.g. ``topk:0.01+int8+zlib``; ``STAGES``
+maps each name to its implementation. Invariants: ``encode`` returns, with the bytes, ``decoded``: exactly
+what ``decode`` reconstructs, bit for bit (error feedback relies on it); ``decode`` is strict and bounded: any
+inconsistency raises ``CodecError`` naming the tensor, and nothing larger than the declared shapes (checked
+against ``max_elements``) is allocated. Specs, wire layout, index packing: docs/compression.md.
 """
 from __future__ import annotations
 

@@ -1,43 +1,11 @@
 """Error feedback for compressed updates (EF-SGD, Karimireddy et al. 2019; DGC, Lin et al. 2018).
 
-A trainer compresses ``corrected = delta + residual`` instead of ``delta`` and keeps what compression
-dropped, ``residual = corrected - decoded``, for its next update. Summed over a trainer's updates this
-telescopes into the invariant the tests check:
-
-    sum of raw deltas == sum of decoded updates sent + residual          (up to float32 rounding)
-
-so nothing a codec drops is lost: it is delivered later, with a delay.
-
-Decisions (docs/compression.md, "Error feedback", gives the reasoning):
-
-* **Model versions and stale tasks: the residual is kept.** It lives in parameter-delta space, not in
-  weight space, so it stays meaningful when the trainer's next task starts from a newer (or older)
-  model version; EF-SGD and DGC add old residuals to new gradients in the same way. Its staleness is
-  bounded by the codec: with ``topk:k`` an entry waits until it becomes one of the largest in its tensor.
-* **Dropped updates: accept the loss; there is no rollback.** If the coordinator rejects an update (for
-  example as stale) or it never arrives, exactly that update's ``decoded`` part is lost, the same as if
-  the coordinator had received it and thrown it away; the residual still holds everything else,
-  including the undelivered parts of earlier deltas. Folding ``decoded`` back into the residual would
-  smuggle a delta the coordinator judged too stale into a later update, and the worker is not told of
-  rejections anyway. A trainer that can see its result will be too stale should simply not call
-  ``compress``: the residual is then untouched.
-* **Codec changes, parameter names or shapes change: reset to zero**, with a log line. A residual
-  belongs to the ``(experiment, codec)`` pair that made it; after a codec change it could hold up to
-  ``1/k`` updates' worth of mass, and sending it in one go would make one oversized update.
-* **Two phases: the residual changes only once its update is delivered.** ``prepare`` encodes and returns
-  the residual the update would leave; ``commit`` (after the publisher confirm) installs it. An upload
-  that fails half-way leaves the residual as it was, so the task redone elsewhere loses nothing here.
-* **A failed encode (non-finite delta) resets the residual** and re-raises.
-* **Lossless codecs** (``none``, ``zlib``) leave a zero residual, which is not stored.
-* **Restart:** ``save(path)`` writes the residual with its experiment and codec atomically;
-  ``load(path)`` restores it. A missing or unreadable file, another experiment, or (when ``load`` is
-  given one) another codec starts from zero with a log line; a codec that differs from the next task's
-  resets at that ``compress``. Save after the update's publisher confirm and before acking the task, so
-  a crash never keeps a residual whose update was not sent.
-
-Memory: the residual is a dense float32 copy of the model's floating-point parameters (378 MB for
-wav2vec2-base), kept on the delta's device; between ``prepare`` and ``commit`` there are two. Everything here is pure except
-``save``/``load``. One ``ErrorFeedback`` per trainer; it is not thread-safe.
+A trainer compresses ``delta + residual`` and keeps what compression dropped. Invariant (the tests check it):
+the sum of raw deltas equals the sum of decoded updates delivered plus the residual, up to float32 rounding.
+The residual changes only when its update is delivered (``prepare``, then ``commit`` after the confirm);
+it belongs to one ``(experiment, codec)`` (a run's id is part of the experiment name the worker gives it) and
+resets, with a log line, when either changes or an encode fails. ``save``/``load`` keep it across restarts
+(atomically); everything else is pure. Decisions and reasoning: docs/compression.md#error-feedback.
 """
 from __future__ import annotations
 

@@ -4,9 +4,10 @@ each delivery settled exactly once by an explicit `Outcome`. Behaviour and reaso
 Contract:
 - A chunk (headers carry `mqfed-transfer`) goes to the `Reassembler` and is acked when it says the chunk is
   durably handled; a queue that takes no chunks (`reassembler=None`) dead-letters them.
-- Any other body is decoded strictly; the handler gets a `Delivery` and returns an `Outcome`. A decoding
-  error, a payload that is missing or whose size differs from the message's `wire_bytes`, or a handler raising
-  `MessageError` dead-letters the delivery (one log line, counted in `stats`); other exceptions propagate.
+- Any other body is decoded strictly; the handler gets a `Delivery` (`payload` None when the transfer it
+  names has not arrived) and returns an `Outcome`. A decoding error, a payload whose size differs from the
+  message's `wire_bytes`, or a handler raising `MessageError` dead-letters the delivery (one log line,
+  counted in `stats`); other exceptions propagate.
 - Deliveries are handled by `poll()`, outside pika's callback, so a handler may do broker I/O of its own.
 """
 from __future__ import annotations
@@ -114,14 +115,15 @@ class MessageConsumer:
             self.channel.basic_ack(t)
 
     def _claim(self, msg: messages.Message) -> CompletedTransfer | None:
-        """The payload `msg` references (popped), after checking its declared size; raises InvalidField."""
+        """The payload `msg` references (popped; None when it has not arrived: the handler decides whether it
+        needs it), after checking its declared size; raises InvalidField."""
         ref = getattr(msg, "payload", None)
         payload = None
         if ref is not None and ref.transfer_id is not None:
             payload = self.payloads.pop(ref.transfer_id, None)
             self._payload_since.pop(ref.transfer_id, None)
             if payload is None:
-                raise messages.InvalidField(f"payload transfer {ref.transfer_id} not received (or incomplete)")
+                return None
         declared = getattr(msg, "wire_bytes", None)
         if ref is not None and declared is not None:
             size = payload.size if payload is not None else len(ref.inline)
@@ -164,6 +166,22 @@ class MessageConsumer:
             self._count("handler", 1)
         elif outcome is not Outcome.DEFER:
             raise TypeError(f"a handler of {self.queue} returned {outcome!r}, not an Outcome")
+
+    def recover(self) -> int:
+        """Take over the payloads a journaled reassembler finds completed on disk (their messages come again);
+        returns how many."""
+        done = self.reassembler.recover() if self.reassembler is not None else []
+        for transfer in done:
+            self.payloads[transfer.transfer_id] = transfer
+            self._payload_since[transfer.transfer_id] = time.monotonic()
+        return len(done)
+
+    def release(self) -> None:
+        """Let go of this consumer's files without deleting them (a new session recovers them)."""
+        if self.reassembler is not None:
+            self.reassembler.release()
+        self.payloads.clear()
+        self._payload_since.clear()
 
     def ack(self, tags: list[int]) -> None:
         """Acknowledge deliveries a handler deferred (see Outcome.DEFER)."""

@@ -9,8 +9,11 @@ tokens to reject, and a late chunk of a failed transfer is refused too. docs/mes
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import glob
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -155,6 +158,18 @@ def publish_chunked(
     return cast(TransferInfo, last)  # set: _sized_chunks yields at least one chunk (an empty payload is one)
 
 
+def _plain_headers(headers: dict) -> dict:
+    """The transfer-wide chunk headers, as JSON can hold them (the journal's first line)."""
+    return {k: headers[k] for k in (H_COUNT, H_SIZE, H_CHUNK_SIZE, H_SHA256, H_INDEX, H_CRC)} | {
+        k: v for k, v in headers.items() if not k.startswith("mqfed-") and isinstance(v, (str, int, float, bool))}
+
+
+def _log_recovery_failure(journal: str, exc: BaseException) -> None:
+    from common.logs import get_logger  # the wire package logs only here, at recovery
+
+    get_logger(__name__).warning("spool_unrecoverable", journal=journal, error=f"{type(exc).__name__}: {exc}")
+
+
 def is_chunk(headers: dict | None) -> bool:
     if not headers:
         return False
@@ -171,6 +186,7 @@ class CompletedTransfer:
     headers: dict[str, Any]
     data: bytes | bytearray | None = None
     path: str | None = None
+    journal: str | None = None  # a journaled spool's chunk journal, deleted with the spool file by `close()`
 
     def read_bytes(self) -> bytes | bytearray:
         if self.data is not None:
@@ -202,11 +218,14 @@ class CompletedTransfer:
         os.replace(tmp, dest)
 
     def close(self) -> None:
-        if self.path is not None and os.path.basename(self.path).startswith("mqfed-spool-"):
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+        """Delete the spool file (unless `save_to` moved it away) and the journal."""
+        for path in (self.path if self.path is not None and os.path.basename(self.path).startswith("mqfed-spool-")
+                     else None, self.journal):
+            if path is not None:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
 
 @dataclasses.dataclass
@@ -217,7 +236,8 @@ class AddResult:
 
 
 class _Assembly:
-    def __init__(self, tid: str, headers: dict, spill: bool, spool_dir: str | None, now: float):
+    def __init__(self, tid: str, headers: dict, spill: bool, spool_dir: str | None, now: float,
+                 journaled: bool = False, reopen: tuple[str, str] | None = None):
         self.tid = tid
         self.count, self.size = headers[H_COUNT], headers[H_SIZE]
         self.chunk_size, self.sha256 = headers[H_CHUNK_SIZE], ""  # set by `note` (maybe only at the last chunk)
@@ -230,7 +250,19 @@ class _Assembly:
         self.buffer: bytearray | None = None
         self.file: BinaryIO | None = None
         self.path: str | None = None
-        if spill:
+        self.journal: BinaryIO | None = None
+        self.journal_path: str | None = None
+        if reopen is not None:  # a journaled spool left by an earlier process (`Reassembler.recover`)
+            self.path, self.journal_path = reopen
+            self.file = open(self.path, "r+b")
+        elif journaled:  # named after the transfer, so that `Reassembler.recover` finds it after a restart
+            name = hashlib.sha256(tid.encode()).hexdigest()[:32]
+            self.path = os.path.join(cast(str, spool_dir), f"mqfed-spool-{name}.part")
+            self.journal_path = os.path.join(cast(str, spool_dir), f"mqfed-spool-{name}.journal")
+            self.file = open(self.path, "w+b")
+            self.journal = open(self.journal_path, "ab")
+            self.journal.write(json.dumps({"transfer": tid, "headers": _plain_headers(headers)}).encode() + b"\n")
+        elif spill:
             fd, self.path = tempfile.mkstemp(prefix="mqfed-spool-", suffix=".part", dir=spool_dir)
             # Not preallocated: the declared size is the sender's word, and a lying first chunk must not
             # reserve disk for bytes that never come (the file grows as chunks are written).
@@ -261,7 +293,7 @@ class _Assembly:
     def chunk_len(self, index: int) -> int:
         return min(self.chunk_size, self.size - index * self.chunk_size) if self.size else 0
 
-    def store(self, index: int, body: bytes | memoryview, fsync: bool) -> None:
+    def store(self, index: int, body: bytes | memoryview, fsync: bool, headers: dict) -> None:
         offset = index * self.chunk_size
         if self.buffer is not None:
             self.buffer[offset:offset + len(body)] = body
@@ -269,6 +301,11 @@ class _Assembly:
             os.pwrite(self.spool.fileno(), body, offset)
             if fsync:
                 os.fsync(self.spool.fileno())
+        if self.journal is not None:  # the chunk is on disk: now say so (a torn last line is ignored)
+            self.journal.write(json.dumps([index, headers[H_CRC], headers[H_SHA256]]).encode() + b"\n")
+            self.journal.flush()
+            if fsync:
+                os.fsync(self.journal.fileno())
         if index == self.hashed:
             self.hasher.update(body)
             self.hashed += 1
@@ -287,14 +324,22 @@ class _Assembly:
                     pos += len(block)
             self.hashed += 1
 
+    def close_journal(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+
     def discard(self) -> None:
         self.buffer = None
+        self.close_journal()
         if self.file is not None:
             self.file.close()
-            try:
-                os.unlink(cast(str, self.path))  # set together with `file` in __init__
-            except FileNotFoundError:
-                pass
+            for path in (self.path, self.journal_path):
+                if path is not None:
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
 
 
 class Reassembler:
@@ -317,7 +362,10 @@ class Reassembler:
 
     def __init__(self, spill_threshold: int = 64 * 1024 * 1024, spool_dir: str | None = None,
                  timeout_s: float = 120.0, fsync: bool = True, clock: Callable[[], float] = time.monotonic,
-                 max_size: int = 16 * 1024**3, verify_crc: bool = True):
+                 max_size: int = 16 * 1024**3, verify_crc: bool = True, journaled: bool = False):
+        if journaled and spool_dir is None:
+            raise ValueError("a journaled Reassembler needs a spool_dir")
+        self.journaled = journaled
         self.spill_threshold, self.spool_dir, self.timeout_s = spill_threshold, spool_dir, timeout_s
         self.max_size, self.verify_crc = max_size, verify_crc
         self.fsync, self.clock = fsync, clock
@@ -380,12 +428,12 @@ class Reassembler:
             tokens = self._drop(tid, f"chunk {index} was corrupt") + [token]
             raise CorruptTransfer(f"transfer {tid}: chunk {index} is corrupt (crc32 mismatch)", tid, tokens)
         if asm is None:
-            asm = _Assembly(tid, headers, size > self.spill_threshold, self.spool_dir, self.clock())
+            asm = _Assembly(tid, headers, size > self.spill_threshold, self.spool_dir, self.clock(), self.journaled)
             self._open[tid] = asm
         if index in asm.received:
             return AddResult(None, [token], duplicate=True)
         asm.note(headers, index)
-        asm.store(index, body, self.fsync)
+        asm.store(index, body, self.fsync, headers)
         asm.received[index] = headers[H_CRC]
         asm._hash_stored()
         asm.last_progress = self.clock()
@@ -396,20 +444,68 @@ class Reassembler:
             ack.append(token)
         if len(asm.received) < asm.count:
             return AddResult(None, ack)
+        done = self._complete(asm)
+        return AddResult(done, ack + asm.held_tokens)
+
+    def _complete(self, asm: _Assembly) -> CompletedTransfer:
+        """The verified payload of `asm`, whose chunks are all stored; raises CorruptTransfer."""
+        tid = asm.tid
         del self._open[tid]
-        ack += asm.held_tokens
         if asm.hasher.hexdigest() != asm.sha256:
             asm.discard()
             self._remember(tid, "its sha256 did not match")
-            raise CorruptTransfer(f"transfer {tid}: sha256 of the reassembled payload does not match", tid, ack)
+            raise CorruptTransfer(f"transfer {tid}: sha256 of the reassembled payload does not match", tid,
+                                  asm.held_tokens)
         self._remember(tid)
         if asm.buffer is not None:
-            done = CompletedTransfer(tid, asm.size, asm.sha256, asm.first_headers, data=asm.buffer)
-        else:
-            asm.spool.flush()
-            asm.spool.close()
-            done = CompletedTransfer(tid, asm.size, asm.sha256, asm.first_headers, path=asm.path)
-        return AddResult(done, ack)
+            return CompletedTransfer(tid, asm.size, asm.sha256, asm.first_headers, data=asm.buffer)
+        asm.close_journal()
+        asm.spool.flush()
+        asm.spool.close()
+        return CompletedTransfer(tid, asm.size, asm.sha256, asm.first_headers, path=asm.path,
+                                 journal=asm.journal_path)
+
+    def recover(self) -> list[CompletedTransfer]:
+        """Reopen the journaled spools a previous process left (their chunks were acknowledged when stored):
+        incomplete transfers go on receiving chunks (their timeout starts now); complete ones are returned,
+        verified. A spool that cannot be read back is deleted and logged. Only for `journaled=True`."""
+        done: list[CompletedTransfer] = []
+        for journal in sorted(glob.glob(os.path.join(cast(str, self.spool_dir), "mqfed-spool-*.journal"))):
+            part = journal[:-len(".journal")] + ".part"
+            try:
+                asm = self._reopen(journal, part)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                for path in (journal, part):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                _log_recovery_failure(journal, exc)
+                continue
+            self._open[asm.tid] = asm
+            if len(asm.received) == asm.count:
+                try:
+                    done.append(self._complete(asm))
+                except CorruptTransfer as exc:
+                    _log_recovery_failure(journal, exc)
+        return done
+
+    def _reopen(self, journal: str, part: str) -> _Assembly:
+        with open(journal, "rb") as f:
+            lines = f.read().split(b"\n")
+        first = json.loads(lines[0])
+        headers = dict(first["headers"])
+        asm = _Assembly(first["transfer"], headers, True, None, self.clock(), reopen=(part, journal))
+        for line in lines[1:]:
+            try:
+                index, crc, digest = json.loads(line)
+            except ValueError:
+                break  # a torn last line: that chunk was not acknowledged, it comes again
+            if not (isinstance(index, int) and 0 <= index < asm.count):
+                raise ValueError(f"journal names chunk {index!r} of {asm.count}")
+            asm.note({H_SHA256: digest}, index)
+            asm.received[index] = crc
+        asm._hash_stored()
+        asm.journal = open(journal, "ab")
+        return asm
 
     def expire(self) -> list[IncompleteTransfer]:
         """Drop transfers without progress for `timeout_s`; return one IncompleteTransfer per dropped transfer."""
@@ -440,3 +536,11 @@ class Reassembler:
     def close(self) -> None:
         for tid in list(self._open):
             self._drop(tid, "the reassembler was closed")
+
+    def release(self) -> None:
+        """Close the open transfers' files without deleting them (journaled: another Reassembler recovers them)."""
+        for asm in self._open.values():
+            asm.close_journal()
+            if asm.file is not None:
+                asm.file.close()
+        self._open.clear()

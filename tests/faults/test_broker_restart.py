@@ -204,14 +204,14 @@ def test_every_error_a_client_sees_while_the_broker_restarts_is_retryable(how, p
     assert retried, "the client never noticed the restart"
 
 
-def test_a_connection_lost_right_after_a_checkpoint_leaves_the_version_in_the_run_record(private_broker,
-                                                                                          small_corpus_dir, tmp_path,
-                                                                                          monkeypatch):
-    """The window a broker restart hits now and then (seen in the federation test above): version v is
-    checkpointed, then acknowledging its updates fails because the connection is gone. The coordinator
-    resumes from the checkpoint (v), the redelivered updates are duplicates, training goes on; the record
-    must still hold v. Deterministic here: the coordinator runs in a thread with K = 1 and the test makes
-    the acknowledgement of version 2's update fail as a lost connection does."""
+def test_a_connection_lost_right_after_a_version_leaves_the_version_in_the_run_record(private_broker,
+                                                                                      small_corpus_dir, tmp_path,
+                                                                                      monkeypatch):
+    """The window a broker restart hits now and then (seen in the federation test above): version v is made
+    (its update logged), then acknowledging the update fails because the connection is gone. The coordinator
+    resumes from its checkpoint and the write-ahead log (v again), the redelivered update is a duplicate,
+    training goes on; the record must hold v once. Deterministic here: the coordinator runs in a thread with
+    K = 1 and the test makes the acknowledgement of version 2's update fail as a lost connection does."""
     import threading
 
     import pika.exceptions
@@ -234,15 +234,15 @@ def test_a_connection_lost_right_after_a_checkpoint_leaves_the_version_in_the_ru
         "fedbuff.concurrency": 1, "fedbuff.buffer_size": 1, "tasks.eval_every": 0, "data.eval_max_clips": 24,
         "stop.max_versions": 3})
     acks = []
-    real_ack = MessageConsumer.ack
+    real_settle = MessageConsumer.settle
 
-    def ack(self, tags):
-        acks.append(list(tags))
-        if len(acks) == 2:  # version 2 is checkpointed; its update's ack is lost with the connection
+    def settle(self, tag, outcome):
+        acks.append(tag)
+        if len(acks) == 2:  # version 2 is made and logged; its update's ack is lost with the connection
             raise pika.exceptions.StreamLostError("Stream connection lost: ConnectionResetError(104)")
-        return real_ack(self, tags)
+        return real_settle(self, tag, outcome)
 
-    monkeypatch.setattr(MessageConsumer, "ack", ack)
+    monkeypatch.setattr(MessageConsumer, "settle", settle)
     coordinator = Coordinator(cfg, url=private_broker.url)
     topo = topology.Topology(cfg.experiment.name)
     conn = connect("test", device="record-gap", url=private_broker.url, attempts=10)

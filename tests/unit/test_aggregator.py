@@ -294,12 +294,30 @@ def test_applied_keys_round_trip_and_prune():
     assert keys.add(UpdateKey("e", "t1", "w", 0)) is False
     keys.add(UpdateKey("e", "t2", "w", 3))
     state = keys.state_dict()
-    assert state == [["e", "t1", "w", 0], ["e", "t2", "w", 3]]
+    assert state == {"keys": [["e", "t1", "w", 0], ["e", "t2", "w", 3]], "floor": 0}
     restored = AppliedKeys()
     restored.load_state_dict(state)
     assert UpdateKey("e", "t1", "w", 0) in restored and len(restored) == 2
     assert restored.prune(below_version=3) == 1
     assert UpdateKey("e", "t1", "w", 0) not in restored and UpdateKey("e", "t2", "w", 3) in restored
+    assert restored.floor == 3
+    again = AppliedKeys()
+    again.load_state_dict(restored.state_dict())
+    assert again.floor == 3  # the floor is durable state, like the keys
+
+
+def test_a_resumed_run_with_a_larger_max_staleness_never_applies_a_forgotten_update_again():
+    cfg = AggregatorConfig(buffer_size=1, max_staleness=1, staleness="constant", sample_weighting=False)
+    agg = make(cfg)
+    first = upd([1.0, 1.0], [0.0], task="a", base=0)
+    agg.add(first)  # version 1
+    agg.add(upd([1.0, 1.0], [0.0], task="b", base=1))  # version 2: keys below version 1 are forgotten
+    assert first.key not in agg.applied_keys and agg.applied_keys.floor == 1
+    resumed = make(AggregatorConfig(buffer_size=1, max_staleness=50, staleness="constant", sample_weighting=False))
+    resumed.load_state_dict(agg.state_dict())
+    with pytest.raises(UpdateRejected, match="below 1") as err:
+        resumed.add(first)  # its redelivery: within the new max_staleness, but it may have been applied
+    assert err.value.reason == "stale" and resumed.version == 2
 
 
 def test_keys_that_can_only_be_stale_are_pruned_after_a_step():
