@@ -324,6 +324,7 @@ class Coordinator:
             "best_accuracy": self.best["accuracy"], "best_version": self.best["version"],
             "final_accuracy": self.last_eval["accuracy"] if self.last_eval else None,
             "export": str(self.export_dir) if self.export_dir.exists() else None,
+            "max_unserved_s": round(self.consumer.stats.max_unserved_s, 3) if hasattr(self, "consumer") else None,
             "counters": {**self.aggregator.counters, **self.counters, "issued": self.dispatcher.issued,
                          "dead_letters_by_error": dict(self.consumer.stats.rejected) if hasattr(self, "consumer") else {}},
             "workers": sorted(self.workers),
@@ -372,6 +373,7 @@ class Coordinator:
     def _apply(self, msg: messages.Update, payload: bytes | CompletedTransfer, replayed: int = 0) -> Outcome:
         """Decode, validate and buffer one update; log it (unless `replayed`, its log sequence number) before
         it is acknowledged. Raises InvalidField for what is dead-lettered."""
+        t0 = time.monotonic()
         data = payload.read_bytes() if isinstance(payload, CompletedTransfer) else payload
         version = self.version
         try:
@@ -386,6 +388,7 @@ class Coordinator:
             self.dispatcher.finished(msg.task_id, False, version)
             raise messages.InvalidField(f"update {msg.task_id} from {msg.worker_id}: payload: {exc}") from None
         update = ClientUpdate(msg.experiment, msg.task_id, msg.worker_id, msg.base_version, msg.num_samples, delta)
+        t1 = time.monotonic()
         try:
             result = self.aggregator.add(update)
         except UpdateRejected as exc:
@@ -398,11 +401,18 @@ class Coordinator:
         self.dispatcher.finished(msg.task_id, result.status == "accepted", version)
         if result.status == "duplicate":
             return Outcome.ACK
+        t2 = time.monotonic()
         if replayed:
             self.wal_seq = replayed
         else:
             fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg) if f.name != "payload"}
             self.wal_seq = self.wal.append(fields, payload)  # durable before the ack that follows
+            arrived = payload.completed_at if isinstance(payload, CompletedTransfer) else t0
+            now = time.monotonic()
+            log.info("update_logged", task_id=msg.task_id, worker=msg.worker_id, seq=self.wal_seq,
+                     wire_bytes=msg.wire_bytes, decode_s=round(t1 - t0, 4), aggregate_s=round(t2 - t1, 4),
+                     log_s=round(now - t2, 4), buffered_after_s=round(t2 - arrived, 4),
+                     durable_after_s=round(now - arrived, 4), stepped=result.record is not None)
             failpoint("coordinator.after_buffer")
         self.window["wire"] += msg.wire_bytes
         self.window["raw"] += msg.raw_bytes
@@ -447,7 +457,9 @@ class Coordinator:
         if replaying:
             self.record.append(entry)
             return
+        started = time.monotonic()
         self._publish_model()
+        entry["publish_s"] = round(time.monotonic() - started, 3)
         every = self.cfg.tasks.eval_every
         if every and record.version % every == 0:
             result = self._evaluate()
@@ -459,8 +471,8 @@ class Coordinator:
         fe = self.cfg.tasks.federated_eval_every
         if fe and record.version % fe == 0:
             self._issue_evaluations()
-        log.info("version", **{k: entry[k] for k in ("version", "time_s", "accuracy", "staleness", "updates")},
-                 best=round(self.best["accuracy"], 4))
+        log.info("version", **{k: entry[k] for k in ("version", "time_s", "accuracy", "staleness", "updates",
+                                                    "publish_s")}, best=round(self.best["accuracy"], 4))
         if self.on_version is not None:
             self.on_version(entry)
 
@@ -471,10 +483,15 @@ class Coordinator:
         state, seq = self._checkpoint_state(), self.wal_seq  # tensors cloned: the state moves on meanwhile
         self._ckpt_at = (self.version, time.monotonic())
 
+        version = self.version
+
         def write() -> None:
             try:
+                started = time.monotonic()
                 checkpoint.save(self.ckpt_path, state)
                 self.wal.cut(seq)
+                log.info("checkpoint_written", version=version, wal_seq=seq, bytes=self.ckpt_path.stat().st_size,
+                         seconds=round(time.monotonic() - started, 3))
             except BaseException as exc:  # handed to the main thread at the next join
                 self._writer_error = exc
 

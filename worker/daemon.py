@@ -30,7 +30,7 @@ from common.failpoints import failpoint
 from common.learning.model import ModelSpec, build_model
 from common.learning.training import Clips, evaluate, train
 from common.logs import configure, get_logger
-from common.transport.connection import run_forever
+from common.transport.connection import run_forever, serve_while
 from common.transport.consumer import Delivery, MessageConsumer, Outcome
 from common.transport.model_store import ModelNotFound, ModelStore, default_cache_dir
 from common.transport.publish import publish_message, publish_payload
@@ -186,32 +186,9 @@ class Trainer:
         return Outcome.ACK
 
     def _wait_for(self, fn, *args):
-        """Run fn(*args) in a thread while this thread keeps the connection alive; re-raise its error.
-
-        If the connection fails meanwhile, the thread is told to abort (`self.abort`, checked at every
-        training step) and joined before the error propagates: the model is never trained by two threads.
-        """
-        box: dict = {}
-
-        def target():
-            try:
-                box["result"] = fn(*args)
-            except BaseException as exc:  # handed to the caller's thread
-                box["error"] = exc
-
+        """`fn(*args)` off this thread while the connection is served; training checks `self.abort`."""
         self.abort = threading.Event()
-        t = threading.Thread(target=target, name=f"train-{self.device}", daemon=True)
-        t.start()
-        try:
-            while t.is_alive():
-                self.conn.process_data_events(time_limit=0.2)
-        except BaseException:
-            self.abort.set()
-            t.join()
-            raise
-        if "error" in box:
-            raise box["error"]
-        return box["result"]
+        return serve_while(self.conn, fn, *args, abort=self.abort, name=f"train-{self.device}")
 
     def _model_for(self, name: str, freeze_feature_encoder: bool) -> torch.nn.Module:
         """The model architecture a task names (kept while tasks name the same); raises ModelLoadError."""

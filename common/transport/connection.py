@@ -163,6 +163,34 @@ def run_forever(body: Callable[[pika.BlockingConnection], T], role: str, node: s
     return None
 
 
+def serve_while(conn: pika.BlockingConnection, fn: Callable[..., T], *args, abort: threading.Event | None = None,
+                name: str = "work") -> T:
+    """Run `fn(*args)` in a thread while this thread keeps `conn` served (heartbeats, confirms); return its
+    result or re-raise its error here. If serving fails (the connection is lost), `abort` is set and the
+    thread joined before the error propagates: the work never outlives its connection."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            conn.process_data_events(time_limit=0.2)
+    except BaseException:
+        if abort is not None:
+            abort.set()
+        thread.join()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def close_quietly(conn: pika.BlockingConnection) -> None:
     """Close `conn` if it is open; a connection that broke while closing is closed enough."""
     if conn.is_open:

@@ -61,6 +61,7 @@ class ConsumerStats:
     dead_lettered: int = 0
     rejected: dict[str, int] = dataclasses.field(default_factory=dict)
     unclaimed_payloads: int = 0
+    max_unserved_s: float = 0.0  # the longest time between two reads of the connection by `poll`
 
 
 class MessageConsumer:
@@ -78,6 +79,7 @@ class MessageConsumer:
         self._payload_since: dict[str, float] = {}
         self.stats = ConsumerStats()
         self._inbox: collections.deque = collections.deque()
+        self._served_at: float | None = None
         channel.basic_qos(prefetch_count=prefetch)
         self.tag = channel.basic_consume(queue, lambda _ch, *delivery: self._inbox.append(delivery),
                                          consumer_tag=consumer_tag)
@@ -205,7 +207,11 @@ class MessageConsumer:
 
     def poll(self, connection, time_limit: float = 0.2) -> None:
         """Wait up to `time_limit` for deliveries, handle what arrived, check transfer timeouts."""
+        now = time.monotonic()
+        if self._served_at is not None:
+            self.stats.max_unserved_s = max(self.stats.max_unserved_s, now - self._served_at)
         connection.process_data_events(time_limit=time_limit)
+        self._served_at = time.monotonic()
         while self._inbox:
             self._on_delivery(*self._inbox.popleft())
         self.expire()

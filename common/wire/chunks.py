@@ -187,6 +187,7 @@ class CompletedTransfer:
     data: bytes | bytearray | None = None
     path: str | None = None
     journal: str | None = None  # a journaled spool's chunk journal, deleted with the spool file by `close()`
+    completed_at: float = 0.0  # the reassembler's clock when the last chunk was stored
 
     def read_bytes(self) -> bytes | bytearray:
         if self.data is not None:
@@ -458,12 +459,13 @@ class Reassembler:
                                   asm.held_tokens)
         self._remember(tid)
         if asm.buffer is not None:
-            return CompletedTransfer(tid, asm.size, asm.sha256, asm.first_headers, data=asm.buffer)
+            return CompletedTransfer(tid, asm.size, asm.sha256, asm.first_headers, data=asm.buffer,
+                                     completed_at=self.clock())
         asm.close_journal()
         asm.spool.flush()
         asm.spool.close()
         return CompletedTransfer(tid, asm.size, asm.sha256, asm.first_headers, path=asm.path,
-                                 journal=asm.journal_path)
+                                 journal=asm.journal_path, completed_at=self.clock())
 
     def recover(self) -> list[CompletedTransfer]:
         """Reopen the journaled spools a previous process left (their chunks were acknowledged when stored):

@@ -1,0 +1,53 @@
+"""The size users run: the wav2vec2-base preset (94.6 M parameters, random init) in a real federation (a
+coordinator and 2 worker processes over the real broker), where every model version is a 378 MB transfer
+and updates sit at or above the inline limit. Tiny local work (one step of batch 2) keeps it to minutes on
+2 cores. The coordinator is SIGKILLed after buffering, with no checkpoint yet, so only the write-ahead log
+holds what it accepted; the accounting then proves every confirmed update applied exactly once, still
+buffered or still waiting, none dead-lettered, and the run completes. About 3 minutes each
+(`make test-faults` runs them; docs/faults.md)."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from faults.test_process_faults import _FEDERATIONS, _account, _assert_consistent, _federation, _run_to_end
+
+pytestmark = [pytest.mark.faults, pytest.mark.realsize]
+
+REAL_SIZE = {"model.name": "wav2vec2-base", "local.steps": 1, "local.batch_size": 2, "local.warmup_steps": 0,
+             "fedbuff.concurrency": 2, "fedbuff.buffer_size": 2, "fedbuff.max_staleness": 50,
+             "tasks.eval_every": 0, "data.eval_max_clips": 12, "tasks.deadline_s": 600.0,
+             "tasks.transfer_timeout_s": 300.0, "checkpoint.every_versions": 100, "stop.max_versions": 4}
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    yield
+    while _FEDERATIONS:
+        _FEDERATIONS.pop().stop()
+
+
+@pytest.mark.parametrize("worker_env", [{}, {"MQFED_WORKER_INLINE_MAX_BYTES": "1024",
+                                             "MQFED_WORKER_CHUNK_BYTES": "262144"}],
+                         ids=["default-codec", "every-update-chunked"])
+def test_wav2vec2_base_federation_survives_a_coordinator_killed_after_buffering(experiment, tiny_corpus_dir, tmp_path,
+                                                                               worker_env):
+    fed = _federation(experiment, tmp_path, tiny_corpus_dir, [{"shard": "iid:1/2", "env": worker_env},
+                                                              {"shard": "iid:2/2", "env": worker_env}], **REAL_SIZE)
+    fed.start_coordinator(env={"MQFED_FAILPOINTS": "coordinator.after_buffer=kill@3"})  # 1 into version 2's buffer
+    for spec in fed.worker_specs:
+        fed.start_worker(spec["node"])
+    fed.wait_for(lambda: fed.coordinator.poll() is not None, 900, "the coordinator to die at its failpoint")
+    assert fed.coordinator.returncode == -signal.SIGKILL
+    assert not (fed.run_dir / "checkpoint.pt").exists(), "no checkpoint yet: only the log holds the updates"
+    fed.start_coordinator()
+    _run_to_end(fed, timeout=900)
+    _assert_consistent(fed, 4)
+    assert fed.events("coordinator.log", "coordinator_resumed")[0]["replayed"] == 3
+    published = [e for spec in fed.worker_specs for e in fed.events(f"worker-{spec['node']}.log", "update_published")]
+    if worker_env:
+        assert all(e["wire_bytes"] > 1024 for e in published), "every update must travel in chunks"
+    else:
+        assert all(e["wire_bytes"] > 100_000 for e in published), published  # real-size deltas, not kws-tiny's
+    _account(fed)
