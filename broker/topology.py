@@ -18,8 +18,11 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import pika.exceptions
+
+from common.errors import MqfedError
 from common.logs import get_logger
-from common.transport.connection import queue_unavailable_is_retryable
+from common.transport.connection import QueueUnavailable, queue_unavailable_is_retryable
 
 log = get_logger(__name__)
 _NAME_OK = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -109,6 +112,24 @@ def declare(channel, topo: Topology, passive: bool = False) -> None:
             for b in topo.bindings():
                 channel.queue_bind(b.queue, b.exchange, routing_key=b.routing_key)
     log.debug("topology_declared", experiment=topo.experiment, passive=passive)
+
+
+class ExperimentNotDeclared(MqfedError):
+    """The experiment's queues do not exist (yet): its coordinator has not started. Retryable for the roles
+    that wait for it (workers, the evaluator)."""
+
+
+def require(channel, topo: Topology) -> None:
+    """Check that `topo` exists (passively: for roles without configure permission); raises
+    ExperimentNotDeclared naming the experiment when it does not."""
+    try:
+        declare(channel, topo, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 404 or isinstance(exc, QueueUnavailable):
+            raise
+        log.warning("experiment_not_declared", experiment=topo.experiment,
+                    hint="start the coordinator (or `mqfed-broker setup`) for this experiment")
+        raise ExperimentNotDeclared(f"experiment {topo.experiment}: {exc.reply_text}") from None
 
 
 def delete(channel, topo: Topology) -> None:

@@ -1,6 +1,7 @@
 """`mqfed-coordinator`: run an experiment, watch the federation, export, report.
 
   mqfed-coordinator run --config experiment.toml [--fresh] [--set KEY=VALUE ...]
+  mqfed-coordinator evaluate --config experiment.toml [--device cuda:0]   the central evaluator (own process)
   mqfed-coordinator demo [--workers 2] [--minutes 6]     the whole thing on this machine (see coordinator/demo.py)
   mqfed-coordinator status --experiment NAME [--seconds 5]   queues, workers, versions, live
   mqfed-coordinator export --config experiment.toml --out DIR  the checkpoint's model, save_pretrained
@@ -33,6 +34,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import signal
+
+    import torch
+
+    from common.config import ConfigError
+    from coordinator.evaluator import Evaluator
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: no CUDA device is visible here")
+    evaluator = Evaluator(load_experiment(args.config, args.set), device=args.device)
+    signal.signal(signal.SIGTERM, evaluator.request_stop)
+    signal.signal(signal.SIGINT, evaluator.request_stop)
+    evaluator.run()
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from common.learning.model import build_model, save_model
     from coordinator import checkpoint
@@ -58,9 +76,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"no run record in {args.run_dir}", file=sys.stderr)
         return 2
     print(f"{'version':>8}{'time s':>9}{'accuracy':>10}{'updates':>9}{'staleness':>16}{'ratio':>8}  workers")
-    for e in lines:
-        if e.get("kind"):
-            continue
+    for e in RunRecord(f"{args.run_dir}/record.jsonl").versions():
         acc = f"{e['accuracy']:.4f}" if e.get("accuracy") is not None else "-"
         print(f"{e['version']:>8}{e['time_s']:>9.1f}{acc:>10}{e['updates']:>9}{str(e['staleness']):>16}"
               f"{e.get('compression_ratio', 1):>8.1f}  {','.join(sorted(set(e['workers'])))}")
@@ -77,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", default=None, help="experiment TOML")
     run.add_argument("--fresh", action="store_true", help="start over: delete the experiment's queues and checkpoint")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev = sub.add_parser("evaluate", help="the central evaluator: follow the model stream, evaluate, report")
+    ev.add_argument("--config", default=None, help="experiment TOML (the coordinator's)")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo = sub.add_parser("demo", help="synthetic corpus, coordinator and workers on this machine")
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--minutes", type=float, default=6.0)
@@ -108,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             return status_mod.main(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
         return cmd_report(args)
     except MqfedError as exc:
         print(f"mqfed-coordinator {args.command}: {exc}", file=sys.stderr)

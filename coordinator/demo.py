@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_experiment(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()] + list(args.set))
     fed = LocalFederation(cfg, args.data, [{"shard": f"speaker:{i + 1}/{args.workers}", "node": f"demo-w{i + 1}"}
                                            for i in range(args.workers)])
-    print(f"demo {name}: coordinator + {args.workers} workers over {ensure.redact(amqp_url())}; logs in {fed.run_dir}")
+    print(f"demo {name}: coordinator + evaluator + {args.workers} workers over {ensure.redact(amqp_url())}; logs in {fed.run_dir}")
     print(f"management UI: http://localhost:15672 (queues mqfed.{name}.*)")
     started = time.monotonic()
     fed.start()
@@ -106,7 +106,8 @@ def _print_table(summary: dict, versions: list[dict], wall: float) -> None:
         ("model versions", summary["versions"]),
         ("wall time", f"{wall:.0f} s"),
         ("best validation accuracy", f"{summary['best_accuracy']:.4f} (version {summary['best_version']})"),
-        ("first >= 90% validation accuracy", f"{reached[0]['time_s']:.0f} s (version {reached[0]['version']})"
+        ("first >= 90% validation accuracy", f"{reached[0].get('eval_time_s', reached[0]['time_s']):.0f} s"
+                                              f" (version {reached[0]['version']})"
                                               if reached else "not reached"),
         ("test accuracy (exported model)", f"{summary.get('test_accuracy', float('nan')):.4f}"),
         ("updates applied", counters.get("applied_updates")),

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from common.config import dump_toml
+from coordinator.record import RunRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,14 +26,7 @@ def child_env(**extra: str) -> dict:
 
 def read_record(run_dir: str | os.PathLike) -> list[dict]:
     """The run record's entries (a torn last line is skipped)."""
-    path = Path(run_dir) / "record.jsonl"
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
+    return RunRecord(Path(run_dir) / "record.jsonl").lines()
 
 
 class LocalFederation:
@@ -54,6 +48,7 @@ class LocalFederation:
         self.config_path = self.run_dir / "experiment.toml"
         self.config_path.write_text(dump_toml(cfg))
         self.coordinator: subprocess.Popen | None = None
+        self.evaluator: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
         self.processes: list[subprocess.Popen] = []  # everything started, replaced workers and replicas included
 
@@ -69,6 +64,11 @@ class LocalFederation:
                                        log_name, **(env or {}))
         return self.coordinator
 
+    def start_evaluator(self, env: dict | None = None) -> subprocess.Popen:
+        self.evaluator = self._spawn(["coordinator.cli", "evaluate", "--config", str(self.config_path)],
+                                     "evaluator.log", **(env or {}))
+        return self.evaluator
+
     def start_worker(self, node: str) -> subprocess.Popen:
         spec = next(w for w in self.worker_specs if w["node"] == node)
         argv = ["worker.cli", "run", "--experiment", self.name, "--data", self.data, "--shard", spec["shard"],
@@ -82,7 +82,10 @@ class LocalFederation:
         return self.workers[node]
 
     def start(self) -> "LocalFederation":
+        """The coordinator, the evaluator (when the experiment evaluates: `tasks.eval_every` > 0), the workers."""
         self.start_coordinator()
+        if self.cfg.tasks.eval_every:
+            self.start_evaluator()
         for spec in self.worker_specs:
             self.start_worker(spec["node"])
         return self
@@ -91,7 +94,7 @@ class LocalFederation:
         return read_record(self.run_dir)
 
     def versions(self) -> list[dict]:
-        return [e for e in self.record() if e.get("kind") is None]
+        return RunRecord(self.run_dir / "record.jsonl").versions()
 
     def summary(self) -> dict | None:
         found = [e for e in self.record() if e.get("kind") == "summary"]
@@ -116,7 +119,7 @@ class LocalFederation:
         while time.monotonic() < deadline:
             if condition():
                 return
-            for p in [self.coordinator, *self.workers.values()]:
+            for p in [self.coordinator, self.evaluator, *self.workers.values()]:
                 if p is not None and p.poll() not in (None, 0):
                     raise AssertionError(f"waiting for {what}: {' '.join(p.args[2:5])} exited with {p.returncode}"
                                          f" (logs in {self.run_dir})")

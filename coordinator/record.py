@@ -1,10 +1,11 @@
-"""The run record: one JSON object per line, one line per model version (plus a final summary line).
+"""The run record: one JSON object per line, one line per model version, `eval` lines (the evaluator's
+results, which come after their version's line), `federated_eval` lines and a final summary line.
 
-Each version line: `version`, `time_s` (seconds of experiment time), `accuracy` / `loss` (central
-evaluation, null when not evaluated at that version), `staleness` (of each applied update), `workers` and `tasks` (theirs),
-`updates`, `bytes_received` (wire bytes of the applied updates), `raw_bytes`, `compression_ratio`,
-`delta_norm`. Lines are appended and flushed as versions happen; on resume, lines for versions newer than
-the checkpoint are dropped (they are made again).
+Each version line: `version`, `time_s` (seconds of experiment time), `accuracy` / `loss` (null: the
+evaluator reports them later, in an `eval` line; `versions()` joins them), `staleness` (of each applied
+update), `workers` and `tasks` (theirs), `updates`, `bytes_received` (wire bytes of the applied updates),
+`raw_bytes`, `compression_ratio`, `delta_norm`, `publish_s`. Lines are appended and flushed as versions
+happen; on resume, lines for versions newer than the checkpoint are dropped (they are made again).
 """
 from __future__ import annotations
 
@@ -37,6 +38,19 @@ class RunRecord:
                 out.append(json.loads(line))
             except json.JSONDecodeError:  # a line torn by a crash mid-write
                 continue
+        return out
+
+    def versions(self) -> list[dict]:
+        """The version lines, each with the accuracy and loss of its `eval` line when there is one (and that
+        line's `time_s` as `eval_time_s`: when the coordinator learned it)."""
+        lines = self.lines()
+        evals = {e["version"]: e for e in lines if e.get("kind") == "eval"}
+        out = []
+        for e in lines:
+            if e.get("kind") is None:
+                found = evals.get(e["version"])
+                out.append({**e, "accuracy": found["accuracy"], "loss": found["loss"],
+                            "eval_time_s": found["time_s"]} if found else e)
         return out
 
     def truncate_after(self, version: int) -> None:

@@ -19,18 +19,16 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from broker import topology
 from common.compression import codecs
-from common.data.dataset import to_arrays
 from common.errors import MqfedError
 from common.failpoints import failpoint
-from common.learning.model import build_model, parameter_count, save_model
-from common.learning.training import Clips, EvalResult, evaluate
+from common.learning.model import build_model, parameter_count
+from common.learning.training import evaluate
 from common.logs import get_logger
-from common.transport.connection import connect, run_forever
+from common.transport.connection import connect, run_forever, serve_while
 from common.transport.consumer import Delivery, MessageConsumer, Outcome
 from common.transport.model_store import ModelStore
 from common.transport.publish import publish_message
@@ -40,6 +38,8 @@ from common.wire.tensors import encode_state
 from coordinator import checkpoint
 from coordinator.aggregator import AggregationRecord, Aggregator, ClientUpdate, UpdateKey, UpdateRejected
 from coordinator.dispatch import Dispatcher
+from coordinator.evaluator import SOURCE as EVALUATOR
+from coordinator.evaluator import export_best, exported, load_clips
 from coordinator.experiment import ExperimentConfig
 from coordinator.record import RunRecord
 from coordinator.wal import WriteAheadLog
@@ -49,23 +49,6 @@ log = get_logger(__name__)
 
 class Stop(MqfedError):
     """Raised inside the loop when the experiment reached its stop condition."""
-
-
-def load_clips(cfg: ExperimentConfig, split_name: str, max_clips: int = 0) -> Clips:
-    """`split_name` of the experiment's data set (a seeded subset of `max_clips` when > 0)."""
-    from datasets import load_from_disk
-
-    from common.data.dataset import DataError
-
-    try:
-        split = load_from_disk(cfg.data.path)[split_name]
-    except FileNotFoundError:
-        raise DataError(f"data.path {cfg.data.path!r}: no data set there (make one with `mqfed-worker data synth`)") from None
-    except KeyError:
-        raise DataError(f"data.path {cfg.data.path!r} has no {split_name!r} split") from None
-    if max_clips and len(split) > max_clips:
-        split = split.select(np.sort(np.random.default_rng(0).permutation(len(split))[:max_clips]))
-    return Clips.from_arrays(*to_arrays(split))
 
 
 class Coordinator:
@@ -140,21 +123,20 @@ class Coordinator:
             meta = {f.name: rec.meta[f.name] for f in dataclasses.fields(messages.Update) if f.name != "payload"}
             self._apply(messages.Update(**meta, payload=messages.PayloadRef(transfer_id="wal")), rec.read_payload(),
                         replayed=rec.seq)
-        self._ckpt_at = (self.version if state is None else int(state["aggregator"]["version"]), time.monotonic())
+        self._ckpt_at = (0 if state is None else int(state["aggregator"]["version"]), time.monotonic())
         if state is not None or replayed:
             log.info("coordinator_resumed", version=self.version, elapsed_s=round(self.elapsed_before, 1),
-                     best=self.best, buffered=self.aggregator.buffered, replayed=len(replayed))
+                     best=self.best, buffered=self.aggregator.buffered, replayed=len(replayed),
+                     checkpoint_version=self._ckpt_at[0])
 
     def _load(self, state: dict) -> None:
         self.aggregator.load_state_dict(state["aggregator"])
         self.dispatcher.load_state_dict(state["dispatcher"])
         self.elapsed_before = float(state["elapsed_s"])
         self.best = dict(state["best"])
-        exported = self.export_dir / "mqfed.json"
-        if exported.exists():  # the export can be newer than the checkpoint (evaluation runs after it)
-            info = json.loads(exported.read_text())
-            if info["accuracy"] > self.best["accuracy"]:
-                self.best = {"accuracy": info["accuracy"], "version": info["version"]}
+        info = exported(self.export_dir)
+        if info is not None and info["accuracy"] > self.best["accuracy"]:  # the evaluator's export can be newer
+            self.best = {"accuracy": info["accuracy"], "version": info["version"]}
         self.counters.update(state["counters"])
         self.workers = json.loads(state["workers"])
         self.wal_seq = int(state["wal_seq"])
@@ -278,7 +260,7 @@ class Coordinator:
                     self.counters["tasks_expired"] += len(expired)
                     log.warning("tasks_expired", count=len(expired), version=self.version)
         except Stop as stop:
-            return self._finish(str(stop), ch)
+            return self._finish(str(stop), conn, ch)
 
     def _check_stop(self) -> None:
         s = self.cfg.stop
@@ -291,14 +273,16 @@ class Coordinator:
         if s.max_wall_s and self.elapsed() >= s.max_wall_s:
             raise Stop("max_wall_s")
 
-    def _finish(self, reason: str, ch) -> dict:
+    def _finish(self, reason: str, conn, ch) -> dict:
+        """Checkpoint; unless stopped by a signal, evaluate the final version (when the evaluator has not) and
+        test the exported best model, off this thread while it keeps the connection served."""
         self._checkpoint(wait=True)
         test = None
         if reason != "signal":
-            if self.last_eval is None or self.last_eval["version"] != self.version:
-                self._evaluate()
             ch.queue_purge(self.topo.tasks)  # nothing left for workers to do
-            test = self._test_export()
+            if self.last_eval is None or self.last_eval["version"] != self.version:
+                serve_while(conn, self._evaluate, name="final-evaluation")
+            test = serve_while(conn, self._test_export, name="test-export")
         summary = {**self.summary(reason), **(test or {})}
         if reason != "signal":
             self.record.append({"kind": "summary", **summary})
@@ -354,6 +338,8 @@ class Coordinator:
             log.info("worker_registered", node=msg.node, devices=msg.devices, shard=msg.shard, shard_size=msg.shard_size)
         elif isinstance(msg, messages.Heartbeat):
             self.workers.setdefault(msg.node, {})["last_seen"] = time.time()
+        elif isinstance(msg, messages.Metrics) and msg.source == EVALUATOR and {"accuracy", "loss"} <= set(msg.values):
+            self._evaluated(msg.version, msg.values["accuracy"], msg.values["loss"])
         elif isinstance(msg, messages.Metrics) and "val_accuracy" in msg.values:
             self.record.append({"kind": "federated_eval", "version": msg.version, "worker": msg.source,
                                 "time_s": round(self.elapsed(), 2), **msg.values})
@@ -421,25 +407,23 @@ class Coordinator:
         return Outcome.ACK
 
     # -- versions ----------------------------------------------------------------------------------------
-    def _evaluate(self) -> EvalResult:
+    def _evaluate(self) -> None:
+        """The final version's evaluation, in this process (the run is over: nothing waits on it)."""
         result = evaluate(self.model, self.eval_clips)
-        self.last_eval = {"version": self.version, "accuracy": result.accuracy, "loss": result.loss}
-        if result.accuracy > self.best["accuracy"]:
-            self.best = {"accuracy": result.accuracy, "version": self.version}
-            self._export()
-        return result
+        self._evaluated(self.version, result.accuracy, result.loss)
+        if self.best["version"] == self.version:
+            export_best(self.model, self.export_dir, {"experiment": self.name, "version": self.version,
+                                                       "accuracy": result.accuracy})
 
-    def _export(self) -> None:
-        tmp = self.run_dir / f".export-{os.getpid()}"
-        save_model(self.model, tmp)
-        (tmp / "mqfed.json").write_text(json.dumps({"experiment": self.name, "version": self.version,
-                                                    "accuracy": self.best["accuracy"]}))
-        old = self.run_dir / f".export-old-{os.getpid()}"
-        if self.export_dir.exists():
-            os.replace(self.export_dir, old)
-        os.replace(tmp, self.export_dir)
-        if old.exists():
-            shutil.rmtree(old, ignore_errors=True)
+    def _evaluated(self, version: int, accuracy: float, loss: float) -> None:
+        """A central evaluation's result (the evaluator's, or the final one): record, best, last."""
+        if self.last_eval is None or version >= self.last_eval["version"]:
+            self.last_eval = {"version": version, "accuracy": accuracy, "loss": loss}
+        if accuracy > self.best["accuracy"]:
+            self.best = {"accuracy": accuracy, "version": version}
+        self.record.append({"kind": "eval", "version": version, "time_s": round(self.elapsed(), 2),
+                            "accuracy": round(accuracy, 4), "loss": round(loss, 4)})
+        log.info("central_eval", version=version, accuracy=round(accuracy, 4), best=round(self.best["accuracy"], 4))
 
     def _publish_model(self) -> None:
         self.store.publish(self.version, encode_state({n: t.detach() for n, t in self.state.items()}))
@@ -460,10 +444,6 @@ class Coordinator:
         started = time.monotonic()
         self._publish_model()
         entry["publish_s"] = round(time.monotonic() - started, 3)
-        every = self.cfg.tasks.eval_every
-        if every and record.version % every == 0:
-            result = self._evaluate()
-            entry.update(accuracy=round(result.accuracy, 4), loss=round(result.loss, 4))
         self.record.append(entry)
         every_versions, every_s = self.cfg.checkpoint.every_versions, self.cfg.checkpoint.every_s
         if self.version - self._ckpt_at[0] >= every_versions or time.monotonic() - self._ckpt_at[1] >= every_s:

@@ -3,7 +3,7 @@ acknowledged; after a restart the records past the checkpoint are replayed, in o
 them cuts them. docs/federation.md#nothing-lost-nothing-applied-twice.
 
 A record is two files in the log directory: `<seq>.payload` (the update's payload exactly as received, a
-spooled transfer moved in by rename) and `<seq>.wal` (an envelope: the update's other fields, the payload's
+spooled transfer linked in) and `<seq>.wal` (an envelope: the update's other fields, the payload's
 size and sha256), written and fsynced after the payload, so it is the commit mark. A payload without its
 mark is a torn append (its messages were never acknowledged) and is deleted when the log is opened.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from common.errors import MqfedError
@@ -73,8 +74,13 @@ class WriteAheadLog:
         seq = self.next_seq
         path = self.dir / f"{seq:012d}.payload"
         if isinstance(payload, CompletedTransfer) and payload.path is not None:
-            size, digest = payload.size, payload.sha256  # spooled and fsynced chunk by chunk: move it in
-            payload.save_to(path)
+            # Spooled and fsynced chunk by chunk: linked in, not moved (the spool must survive until the
+            # commit mark does, or a crash in between would lose both) and not copied.
+            size, digest = payload.size, payload.sha256
+            try:
+                os.link(payload.path, path)
+            except OSError:  # another file system
+                shutil.copyfile(payload.path, path)
         else:
             data = payload.read_bytes() if isinstance(payload, CompletedTransfer) else payload
             size, digest = len(data), hashlib.sha256(data).hexdigest()

@@ -17,7 +17,6 @@ import time
 import zlib
 from pathlib import Path
 
-import pika
 import torch
 
 from broker import topology
@@ -43,10 +42,6 @@ log = get_logger(__name__)
 
 class TaskAborted(MqfedError):
     """Training stopped because the daemon is shutting down."""
-
-
-class ExperimentNotDeclared(MqfedError):
-    """The experiment's queues do not exist (yet): its coordinator has not started."""
 
 
 def load_shards(data: str, shard: str) -> tuple[Clips, Clips | None]:
@@ -98,23 +93,16 @@ class Trainer:
     def run(self) -> None:
         """Serve tasks until SIGTERM/`request_stop()`; reconnects with back-off when the broker goes away."""
         run_forever(self._session, "worker", self.w.node, self.device, self.url, stop=self.stop_event,
-                    retry_on=(ExperimentNotDeclared,), worker=self.worker_id)
+                    retry_on=(topology.ExperimentNotDeclared,), worker=self.worker_id)
 
     def _session(self, conn) -> None:
         self.conn = conn
-        try:
-            topology.declare(conn.channel(), self.topo, passive=True)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code != 404:
-                raise
-            log.warning("experiment_not_declared", experiment=self.w.experiment,
-                        hint="start the coordinator (or `mqfed-broker setup`) for this experiment")
-            raise ExperimentNotDeclared(f"experiment {self.w.experiment}: {exc.reply_text}") from None
+        topology.require(conn.channel(), self.topo)
         self.pub = conn.channel()
         self.pub.confirm_delivery()
         self.store = ModelStore(conn.channel(), self.topo, cache_dir=self.cache_dir,
                                 cache_versions=self.w.cache_versions)
-        self._follow_index(conn)
+        self.store.follow(conn.channel(), self._on_announcement)
         self._register()
         tasks = MessageConsumer(conn.channel(), self.topo.tasks, self._on_task, prefetch=1,
                                 consumer_tag=f"{self.worker_id}:{os.getpid()}")
@@ -127,23 +115,9 @@ class Trainer:
         log.info("worker_stopping", worker=self.worker_id, tasks_done=self.tasks_done)
 
     # -- events --------------------------------------------------------------------------------------------
-    def _follow_index(self, conn) -> None:
-        """Consume the model-index stream from its last entry on: `self.latest` is the newest announcement."""
-        ch = conn.channel()
-        ch.basic_qos(prefetch_count=64)
-
-        def on_announcement(_ch, method, _props, body):
-            ch.basic_ack(method.delivery_tag)
-            try:
-                msg = messages.decode(body)
-            except messages.MessageError as exc:
-                log.warning("model_index_invalid", error=str(exc))
-                return
-            if isinstance(msg, messages.ModelVersion) and msg.experiment == self.w.experiment:
-                if self.latest is None or msg.version > self.latest.version:
-                    self.latest = msg
-
-        ch.basic_consume(self.topo.model_index, on_announcement, arguments={"x-stream-offset": "last"})
+    def _on_announcement(self, ann: messages.ModelVersion) -> None:
+        if self.latest is None or ann.version > self.latest.version:
+            self.latest = ann
 
     def _publish_event(self, key: str, msg) -> None:
         publish_message(self.pub, self.topo.events, f"{key}.{self.w.node}", msg, mandatory=False)

@@ -20,6 +20,7 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pika
 import pika.exceptions
@@ -203,6 +204,23 @@ class ModelStore:
                 if stop_at_version is not None and msg.version == stop_at_version:
                     break
         return out
+
+    def follow(self, channel, on_announcement: Callable[[messages.ModelVersion], None]) -> None:
+        """Consume the model index from its last entry on (on `channel`, dedicated to it): each valid
+        announcement of this experiment goes to `on_announcement`, during the connection's event processing."""
+        channel.basic_qos(prefetch_count=64)
+
+        def deliver(_ch, method, _props, body):
+            channel.basic_ack(method.delivery_tag)
+            try:
+                msg = messages.decode(body)
+            except messages.MessageError as exc:
+                log.warning("model_index_invalid", error=str(exc))
+                return
+            if isinstance(msg, messages.ModelVersion) and msg.experiment == self.names.experiment:
+                on_announcement(msg)
+
+        channel.basic_consume(self.names.model_index, deliver, arguments={"x-stream-offset": "last"})
 
     def latest(self) -> messages.ModelVersion | None:
         anns = []

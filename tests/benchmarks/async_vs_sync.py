@@ -59,7 +59,7 @@ def run(mode: str, args, run_root: str) -> dict:
             per_worker[w] = per_worker.get(w, 0) + 1
     summary = fed.summary() or {}
     return {
-        "mode": mode, "time_to_target_s": reached[0]["time_s"] if reached else None,
+        "mode": mode, "time_to_target_s": reached[0].get("eval_time_s", reached[0]["time_s"]) if reached else None,
         "versions_to_target": reached[0]["version"] if reached else None, "versions": len(versions),
         "updates": sum(per_worker.values()), "slow_worker_updates": per_worker.get(f"w{args.workers}/cpu", 0),
         "best_accuracy": summary.get("best_accuracy"), "test_accuracy": summary.get("test_accuracy"),

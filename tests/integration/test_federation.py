@@ -34,6 +34,11 @@ def test_federation_of_two_worker_processes_trains_to_the_target_accuracy(experi
     assert summary["reason"] == "target_accuracy", summary
     assert summary["best_accuracy"] >= 0.3
     assert summary["test_accuracy"] is not None
+    # The accuracy came from the evaluator process, not from the coordinator's ingest loop.
+    evaluated = fed.events("evaluator.log", "evaluated")
+    assert evaluated and fed.events("coordinator.log", "central_eval")
+    assert max(e["accuracy"] for e in evaluated) >= 0.3
+    assert (fed.run_dir / "export" / "mqfed.json").exists()
     assert sorted(summary["workers"]) == ["w1", "w2"]
     versions = [e["version"] for e in fed.versions()]
     assert versions == list(range(1, len(versions) + 1))

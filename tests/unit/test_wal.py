@@ -31,7 +31,7 @@ def test_a_cut_forgets_what_a_checkpoint_holds_and_numbers_never_go_back(tmp_pat
     assert WriteAheadLog(tmp_path).append({}, b"q") == 5  # an empty log still remembers where it was cut
 
 
-def test_a_spooled_payload_is_moved_in_not_copied(tmp_path):
+def test_a_spooled_payload_is_linked_in_and_its_spool_outlives_a_torn_append(tmp_path):
     data = os.urandom(5000)
     spool = tmp_path / "spool"
     spool.mkdir()
@@ -41,9 +41,15 @@ def test_a_spooled_payload_is_moved_in_not_copied(tmp_path):
     publish_chunked(lambda body, h: out.append((bytes(body), h)), data, chunk_size=1024)
     for i, (body, h) in enumerate(out):
         done = r.add(h, body, i).complete or done
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "000000000001.payload").hardlink_to(done.path)  # a crash between the payload and its mark:
+    WriteAheadLog(torn)  # the log drops the unmarked payload, and the spool is still there to recover
+    (recovered,) = Reassembler(spill_threshold=0, spool_dir=str(spool), journaled=True).recover()
+    assert recovered.read_bytes() == data
     wal = WriteAheadLog(tmp_path / "wal")
-    seq = wal.append({"task_id": "t"}, done)
-    done.close()  # the consumer closes the payload after its handler: the logged copy stays
+    seq = wal.append({"task_id": "t"}, recovered)
+    recovered.close()  # the consumer closes the payload after its handler: the logged one stays
     assert WriteAheadLog(tmp_path / "wal").records()[0].read_payload() == data and seq == 1
     assert list(spool.iterdir()) == []  # spool and journal are gone
 
