@@ -385,11 +385,13 @@ class Aggregator:
         )
         return record
 
-    def state_dict(self, include_model: bool = True) -> dict:
+    def state_dict(self, include_model: bool = True, clone: bool = True) -> dict:
         """Everything needed to resume exactly: version, buffer, counters, applied keys, optimizer state.
 
         include_model: also copy the global state (leave it out when the checkpoint stores the model
-            elsewhere and the resumed Aggregator is built from that copy). Tensors are cloned.
+            elsewhere and the resumed Aggregator is built from that copy).
+        clone: copy the tensors (model, buffer, optimizer state). False hands out the live tensors, with no
+            memory spent: valid only until the next ``add`` or ``aggregate`` changes them.
         """
         state = {
             "format": 1,
@@ -402,14 +404,14 @@ class Aggregator:
                 for c in self._contributions
             ],
             "buffer": (
-                {n: b.detach().clone() for n, b in self._buffer.items()}
+                {n: b.detach().clone() if clone else b.detach() for n, b in self._buffer.items()}
                 if self._contributions and self._buffer is not None
                 else {}
             ),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict(copy=clone),
         }
         if include_model:
-            state["model"] = {n: t.detach().clone() for n, t in self.state.items()}
+            state["model"] = {n: t.detach().clone() if clone else t.detach() for n, t in self.state.items()}
         return state
 
     def load_state_dict(self, state: Mapping) -> None:

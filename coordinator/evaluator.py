@@ -80,7 +80,6 @@ class Evaluator:
         self.model.eval()
         best = exported(self.run_dir / "export")
         self.best = best["accuracy"] if best else -1.0
-        self.latest: messages.ModelVersion | None = None
         self.done = -1  # the last version evaluated
         self.stop = threading.Event()
 
@@ -96,21 +95,17 @@ class Evaluator:
         pub = conn.channel()
         pub.confirm_delivery()
         store = ModelStore(conn.channel(), self.topo, cache_dir=self.run_dir / "eval-cache", cache_versions=2)
-        store.follow(conn.channel(), self._on_announcement)
+        store.follow(conn.channel())
         log.info("evaluator_started", experiment=self.name, device=self.device, every=self.every,
                  clips=len(self.clips))
         while not self.stop.is_set():
             conn.process_data_events(time_limit=0.5)
-            ann = self.latest
+            ann = store.newest
             if ann is None:
                 continue
             wanted = ann.version - ann.version % self.every  # the newest version asked for
             if wanted > self.done and wanted > 0:
                 self._evaluate(conn, pub, store, ann if wanted == ann.version else wanted)
-
-    def _on_announcement(self, ann: messages.ModelVersion) -> None:
-        if self.latest is None or ann.version > self.latest.version:
-            self.latest = ann
 
     def _evaluate(self, conn, pub, store: ModelStore, version: messages.ModelVersion | int) -> None:
         try:

@@ -34,7 +34,7 @@ from common.transport.model_store import ModelStore
 from common.transport.publish import publish_message
 from common.wire import messages
 from common.wire.chunks import CompletedTransfer, Reassembler
-from common.wire.tensors import encode_state
+from common.wire.tensors import write_state
 from coordinator import checkpoint
 from coordinator.aggregator import AggregationRecord, Aggregator, ClientUpdate, UpdateKey, UpdateRejected
 from coordinator.dispatch import Dispatcher
@@ -68,7 +68,7 @@ class Coordinator:
         self.model = build_model(cfg.model)
         self.model.eval()
         self.state = self.model.state_dict()
-        self._initial_state = {n: t.clone() for n, t in self.state.items()}
+        self._model_is_initial = True  # no copy of the initial weights is kept: `_reset` rebuilds them
         self.numel = sum(t.numel() for t in self.state.values())
         self.eval_clips = load_clips(cfg, cfg.data.eval_split, cfg.data.eval_max_clips)
         self._stop_requested = threading.Event()
@@ -81,12 +81,15 @@ class Coordinator:
         self._reset()
 
     # -- state -------------------------------------------------------------------------------------------
-    def _reset(self) -> None:
-        """Fresh in-memory state at version 0 (then `_resume` loads the checkpoint over it)."""
+    def _reset(self, weights: bool = False) -> None:
+        """Fresh in-memory state at version 0 (then `_resume` loads the checkpoint over it). weights: also
+        the initial model weights (built again: presets from their seed, pretrained ones from their files)."""
         cfg = self.cfg
-        with torch.no_grad():
-            for name, t in self.state.items():
-                t.copy_(self._initial_state[name])
+        if weights and not self._model_is_initial:
+            with torch.no_grad():
+                for name, t in build_model(cfg.model).state_dict().items():
+                    self.state[name].copy_(t)
+            self._model_is_initial = True
         self.aggregator = Aggregator(self.state, cfg.fedbuff.aggregator_config(self.name), cfg.server_optimizer)
         self.dispatcher = Dispatcher(cfg.fedbuff.mode, cfg.fedbuff.concurrency, cfg.tasks.deadline_s)
         self.elapsed_before = 0.0
@@ -101,7 +104,9 @@ class Coordinator:
     def _checkpoint_state(self) -> dict:
         return {
             "experiment": self.name,
-            "aggregator": self.aggregator.state_dict(include_model=True),
+            # The live tensors, not copies: the model changes only at the next server step, which waits for
+            # the writer (`_apply`), and the buffer is empty at a version (or no update comes any more).
+            "aggregator": self.aggregator.state_dict(include_model=True, clone=False),
             "dispatcher": self.dispatcher.state_dict(),
             "elapsed_s": self.elapsed(),
             "best": dict(self.best),
@@ -114,9 +119,13 @@ class Coordinator:
         """The state the last checkpoint holds, then the write-ahead log past it replayed in order."""
         self._join_writer()
         state = checkpoint.load(self.ckpt_path, self.name)
-        self._reset()
+        self._reset(weights=state is None)
         if state is not None:
             self._load(state)
+            self._model_is_initial = False
+        info = exported(self.export_dir)
+        if info is not None and info["accuracy"] > self.best["accuracy"]:  # the evaluator's export can be newer
+            self.best = {"accuracy": info["accuracy"], "version": info["version"]}
         self.record.truncate_after(self.version)
         replayed = self.wal.records(after=self.wal_seq)
         for rec in replayed:
@@ -134,9 +143,6 @@ class Coordinator:
         self.dispatcher.load_state_dict(state["dispatcher"])
         self.elapsed_before = float(state["elapsed_s"])
         self.best = dict(state["best"])
-        info = exported(self.export_dir)
-        if info is not None and info["accuracy"] > self.best["accuracy"]:  # the evaluator's export can be newer
-            self.best = {"accuracy": info["accuracy"], "version": info["version"]}
         self.counters.update(state["counters"])
         self.workers = json.loads(state["workers"])
         self.wal_seq = int(state["wal_seq"])
@@ -375,6 +381,8 @@ class Coordinator:
             raise messages.InvalidField(f"update {msg.task_id} from {msg.worker_id}: payload: {exc}") from None
         update = ClientUpdate(msg.experiment, msg.task_id, msg.worker_id, msg.base_version, msg.num_samples, delta)
         t1 = time.monotonic()
+        if self.aggregator.buffered + 1 >= self.aggregator.config.buffer_size:
+            self._join_writer()  # this update may step the model, which the checkpoint being written reads
         try:
             result = self.aggregator.add(update)
         except UpdateRejected as exc:
@@ -426,11 +434,19 @@ class Coordinator:
         log.info("central_eval", version=version, accuracy=round(accuracy, 4), best=round(self.best["accuracy"], 4))
 
     def _publish_model(self) -> None:
-        self.store.publish(self.version, encode_state({n: t.detach() for n, t in self.state.items()}))
+        """Publish the current version, framed into a file one tensor at a time (no model-sized copy in memory)."""
+        path = self.run_dir / f".model-v{self.version}.{os.getpid()}.tmp"
+        try:
+            with open(path, "wb") as f:
+                write_state({n: t.detach() for n, t in self.state.items()}, f)
+            self.store.publish(self.version, path)
+        finally:
+            path.unlink(missing_ok=True)
 
     def _new_version(self, record: AggregationRecord, replaying: bool = False) -> None:
         """Publish (workers need the model first), evaluate, record, checkpoint when due. A version rebuilt
         from the log at resume is only recorded: its model was published, or the newest is at start."""
+        self._model_is_initial = False
         entry = {"version": record.version, "time_s": round(self.elapsed(), 2), "accuracy": None, "loss": None,
                  "staleness": list(record.staleness), "workers": list(record.worker_ids),
                  "tasks": list(record.task_ids), "updates": len(record.worker_ids),

@@ -18,7 +18,7 @@ floating-point leaf tensors. The choice is a plain dict from name to factory, ``
 """
 from __future__ import annotations
 
-import copy
+import copy as _copy
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -122,13 +122,12 @@ class ServerOptimizer:
             for p in self._params:
                 p.grad = None
 
-    def state_dict(self) -> dict:
-        """A deep copy of the optimizer state (safe to keep while stepping on): config name, names, torch state."""
-        return {
-            "name": self.config.name,
-            "names": list(self._names),
-            "torch": copy.deepcopy(self._optimizer.state_dict()),
-        }
+    def state_dict(self, copy: bool = True) -> dict:
+        """The optimizer state: config name, names, torch state; a deep copy (safe to keep while stepping on)
+        unless `copy` is False (the live tensors: valid until the next step)."""
+        torch_state = self._optimizer.state_dict()
+        return {"name": self.config.name, "names": list(self._names),
+                "torch": _copy.deepcopy(torch_state) if copy else torch_state}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore a ``state_dict``; raises ValueError if it was taken from another optimizer or parameter set.
@@ -140,7 +139,7 @@ class ServerOptimizer:
             raise ValueError(f"optimizer state is for {state.get('name')!r}, this server uses {self.config.name!r}")
         if list(state.get("names", [])) != self._names:
             raise ValueError("optimizer state was saved for a different set of parameters")
-        torch_state = copy.deepcopy(dict(state["torch"]))
+        torch_state = _copy.deepcopy(dict(state["torch"]))
         groups = []
         for saved, current in zip(torch_state["param_groups"], self._optimizer.state_dict()["param_groups"]):
             groups.append({**current, "params": saved["params"]})

@@ -77,7 +77,6 @@ class Trainer:
         self.train_clips, self.val_clips = load_shards(w.data, w.shard)
         self.ef: ErrorFeedback | None = None  # the residual of the run the last task belonged to
         self.stop_event = threading.Event()
-        self.latest: messages.ModelVersion | None = None
         self.model = None
         self.model_key: tuple | None = None
         self.base: tuple[int, dict[str, torch.Tensor]] | None = None  # (version, state) of the last fetch
@@ -102,7 +101,7 @@ class Trainer:
         self.pub.confirm_delivery()
         self.store = ModelStore(conn.channel(), self.topo, cache_dir=self.cache_dir,
                                 cache_versions=self.w.cache_versions)
-        self.store.follow(conn.channel(), self._on_announcement)
+        self.store.follow(conn.channel())
         self._register()
         tasks = MessageConsumer(conn.channel(), self.topo.tasks, self._on_task, prefetch=1,
                                 consumer_tag=f"{self.worker_id}:{os.getpid()}")
@@ -115,10 +114,6 @@ class Trainer:
         log.info("worker_stopping", worker=self.worker_id, tasks_done=self.tasks_done)
 
     # -- events --------------------------------------------------------------------------------------------
-    def _on_announcement(self, ann: messages.ModelVersion) -> None:
-        if self.latest is None or ann.version > self.latest.version:
-            self.latest = ann
-
     def _publish_event(self, key: str, msg) -> None:
         publish_message(self.pub, self.topo.events, f"{key}.{self.w.node}", msg, mandatory=False)
 
@@ -174,9 +169,9 @@ class Trainer:
     def _fetch(self, min_version: int) -> tuple[int, dict[str, torch.Tensor]]:
         """The newest model version we can get, preferably >= min_version; (version, state)."""
         deadline = time.monotonic() + 2.0
-        while (self.latest is None or self.latest.version < min_version) and time.monotonic() < deadline:
+        while (self.store.newest is None or self.store.newest.version < min_version) and time.monotonic() < deadline:
             self.conn.process_data_events(time_limit=0.1)
-        ann = self.latest
+        ann = self.store.newest
         if ann is None:
             ann = self.store.latest()
             if ann is None:

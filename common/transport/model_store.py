@@ -20,7 +20,6 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
 
 import pika
 import pika.exceptions
@@ -155,6 +154,7 @@ class ModelStore:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.chunk_size, self.prefetch, self.index_wait_s = chunk_size, prefetch, index_wait_s
         self.confirm_window = confirm_window
+        self.newest: messages.ModelVersion | None = None  # see `follow`
 
     # -- reading streams -------------------------------------------------------------------------------
     def _read_stream(self, queue: str, offset, wait_s: float, prefetch: int):
@@ -205,9 +205,9 @@ class ModelStore:
                     break
         return out
 
-    def follow(self, channel, on_announcement: Callable[[messages.ModelVersion], None]) -> None:
-        """Consume the model index from its last entry on (on `channel`, dedicated to it): each valid
-        announcement of this experiment goes to `on_announcement`, during the connection's event processing."""
+    def follow(self, channel) -> None:
+        """Consume the model index from its last entry on (on `channel`, dedicated to it): `newest` is then
+        the newest announcement seen, kept up to date by the connection's event processing."""
         channel.basic_qos(prefetch_count=64)
 
         def deliver(_ch, method, _props, body):
@@ -218,7 +218,8 @@ class ModelStore:
                 log.warning("model_index_invalid", error=str(exc))
                 return
             if isinstance(msg, messages.ModelVersion) and msg.experiment == self.names.experiment:
-                on_announcement(msg)
+                if self.newest is None or msg.version > self.newest.version:
+                    self.newest = msg
 
         channel.basic_consume(self.names.model_index, deliver, arguments={"x-stream-offset": "last"})
 

@@ -8,8 +8,10 @@ checks every declared size against dtype x shape and against the actual bytes, s
 """
 from __future__ import annotations
 
+import io
 import math
 import sys
+from typing import BinaryIO
 
 import torch
 
@@ -45,17 +47,27 @@ def _raw(t: torch.Tensor) -> bytes:
 
 def encode_state(state: dict[str, torch.Tensor]) -> bytes:
     """Encode name -> tensor into one bytes object (see module doc for the layout)."""
-    header, blobs, offset = [], [], 0
+    buf = io.BytesIO()
+    write_state(state, buf)
+    return buf.getvalue()
+
+
+def write_state(state: dict[str, torch.Tensor], out: BinaryIO) -> int:
+    """Write `encode_state(state)`'s bytes to `out`, one tensor at a time (memory: the largest tensor);
+    returns the number of bytes written."""
+    header, offset = [], 0
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
         if t.dtype not in _NAME_OF:
             raise TypeError(f"{name}: dtype {t.dtype} is not supported on the wire")
-        raw = _raw(t)
-        header.append([name, _NAME_OF[t.dtype], list(t.shape), offset, len(raw)])
-        blobs.append(raw)
-        offset += len(raw)
-    return envelope.pack(MAGIC, header, *blobs)
+        nbytes = t.numel() * t.element_size()  # bool travels as one uint8 per element, the same size
+        header.append([name, _NAME_OF[t.dtype], list(t.shape), offset, nbytes])
+        offset += nbytes
+    written = out.write(envelope.pack(MAGIC, header))
+    for t in state.values():
+        written += out.write(_raw(t))
+    return written
 
 
 def decode_state(data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:

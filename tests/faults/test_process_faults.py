@@ -282,6 +282,19 @@ def _account(fed: LocalFederation) -> None:
     assert summary["counters"]["dead_lettered"] == 0 and not summary["counters"]["dead_letters_by_error"], summary
 
 
+def _killed_before_any_checkpoint_then_resumed(fed: LocalFederation, failpoint: str, timeout: float = 180) -> None:
+    """Start the coordinator with `failpoint` and the workers; once it died there (no checkpoint yet, so only
+    the write-ahead log holds what it accepted), start it again and run to the end."""
+    fed.start_coordinator(env={"MQFED_FAILPOINTS": failpoint})
+    for spec in fed.worker_specs:
+        fed.start_worker(spec["node"])
+    fed.wait_for(lambda: fed.coordinator.poll() is not None, timeout, "the coordinator to die at its failpoint")
+    assert fed.coordinator.returncode == -signal.SIGKILL
+    assert not (fed.run_dir / "checkpoint.pt").exists(), "no checkpoint yet: only the log holds the updates"
+    fed.start_coordinator()
+    _run_to_end(fed, timeout)
+
+
 @pytest.mark.parametrize("failpoint", ["coordinator.after_buffer=kill@5", "coordinator.mid_wal_append=kill@5"],
                          ids=["after-the-log", "mid-log-append"])
 def test_a_coordinator_killed_between_checkpoints_loses_no_chunked_update(experiment, small_corpus_dir, tmp_path,
@@ -289,14 +302,7 @@ def test_a_coordinator_killed_between_checkpoints_loses_no_chunked_update(experi
     fed = _federation(experiment, tmp_path, small_corpus_dir, [{"shard": "iid:1/2", "env": _CHUNKED},
                                                                {"shard": "iid:2/2", "env": _CHUNKED}],
                       **{"tasks.codec": "none", "checkpoint.every_versions": 100, "fedbuff.buffer_size": 2})
-    fed.start_coordinator(env={"MQFED_FAILPOINTS": failpoint})
-    for spec in fed.worker_specs:
-        fed.start_worker(spec["node"])
-    fed.wait_for(lambda: fed.coordinator.poll() is not None, 180, "the coordinator to die at its failpoint")
-    assert fed.coordinator.returncode == -signal.SIGKILL
-    assert not (fed.run_dir / "checkpoint.pt").exists(), "no checkpoint yet: only the log holds the updates"
-    fed.start_coordinator()
-    _run_to_end(fed)
+    _killed_before_any_checkpoint_then_resumed(fed, failpoint)
     _assert_consistent(fed, 8)
     resumed = fed.events("coordinator.log", "coordinator_resumed")[0]
     assert resumed["replayed"] == (5 if "after_buffer" in failpoint else 4), resumed  # a torn append is not replayed

@@ -7,11 +7,15 @@ buffered or still waiting, none dead-lettered, and the run completes. About 3 mi
 (`make test-faults` runs them; docs/faults.md)."""
 from __future__ import annotations
 
-import signal
-
 import pytest
 
-from faults.test_process_faults import _FEDERATIONS, _account, _assert_consistent, _federation, _run_to_end
+from faults.test_process_faults import (
+    _FEDERATIONS,
+    _account,
+    _assert_consistent,
+    _federation,
+    _killed_before_any_checkpoint_then_resumed,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.realsize]
 
@@ -35,14 +39,8 @@ def test_wav2vec2_base_federation_survives_a_coordinator_killed_after_buffering(
                                                                                worker_env):
     fed = _federation(experiment, tmp_path, tiny_corpus_dir, [{"shard": "iid:1/2", "env": worker_env},
                                                               {"shard": "iid:2/2", "env": worker_env}], **REAL_SIZE)
-    fed.start_coordinator(env={"MQFED_FAILPOINTS": "coordinator.after_buffer=kill@3"})  # 1 into version 2's buffer
-    for spec in fed.worker_specs:
-        fed.start_worker(spec["node"])
-    fed.wait_for(lambda: fed.coordinator.poll() is not None, 900, "the coordinator to die at its failpoint")
-    assert fed.coordinator.returncode == -signal.SIGKILL
-    assert not (fed.run_dir / "checkpoint.pt").exists(), "no checkpoint yet: only the log holds the updates"
-    fed.start_coordinator()
-    _run_to_end(fed, timeout=900)
+    # killed 1 update into version 2's buffer
+    _killed_before_any_checkpoint_then_resumed(fed, "coordinator.after_buffer=kill@3", timeout=900)
     _assert_consistent(fed, 4)
     assert fed.events("coordinator.log", "coordinator_resumed")[0]["replayed"] == 3
     published = [e for spec in fed.worker_specs for e in fed.events(f"worker-{spec['node']}.log", "update_published")]

@@ -4,7 +4,7 @@ import msgpack
 import pytest
 import torch
 
-from common.wire.tensors import TensorFormatError, decode_state, encode_state
+from common.wire.tensors import TensorFormatError, decode_state, encode_state, write_state
 
 
 def _state():
@@ -61,3 +61,12 @@ def test_lying_sizes_are_rejected():
         decode_state(b"XXXX" + data[4:])
     with pytest.raises(TensorFormatError, match="header length"):
         decode_state(data[:4] + struct.pack("<I", 10**7) + data[8:])
+
+
+def test_a_state_written_to_a_file_one_tensor_at_a_time_is_the_same_frame(tmp_path):
+    state = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.tensor([True, False])}
+    path = tmp_path / "frame.bin"
+    with open(path, "wb") as f:
+        written = write_state(state, f)
+    assert path.read_bytes() == encode_state(state) and written == path.stat().st_size
+    assert all(torch.equal(decode_state(path.read_bytes())[n], t) for n, t in state.items())
