@@ -352,7 +352,7 @@ class Aggregator:
             b.div_(normalizer)
         delta_norm = math.sqrt(sum(_sq_norm(t) for t in mean.values()))
         try:
-            self.optimizer.step(mean)
+            self.optimizer.step(mean, in_place=True)  # the buffer is the gradient: no model-sized copy
         except Exception:
             for b in mean.values():  # leave the buffer as it was (up to rounding) for a retry
                 b.mul_(normalizer)

@@ -99,28 +99,36 @@ class ServerOptimizer:
     def names(self) -> list[str]:
         return list(self._names)
 
-    def step(self, delta: Mapping[str, torch.Tensor]) -> None:
+    def step(self, delta: Mapping[str, torch.Tensor], in_place: bool = False) -> None:
         """Move the parameters along ``delta`` (``trained - base`` direction) through the optimizer.
 
         delta: name -> tensor for every parameter name (same shapes; cast to each parameter's dtype and
             device). Raises KeyError naming a missing parameter, ValueError on a shape mismatch; nothing is
             changed in either case.
+        in_place: use the delta tensors themselves as the (negated) gradients where dtype and device allow,
+            instead of a model-sized copy; they hold ``delta`` again when this returns or raises.
         """
-        grads = []
         for name, p in zip(self._names, self._params):
             if name not in delta:
                 raise KeyError(f"server step: no delta for parameter {name!r}")
             d = delta[name]
             if tuple(d.shape) != tuple(p.shape):
                 raise ValueError(f"server step: delta {name!r} has shape {tuple(d.shape)}, expected {tuple(p.shape)}")
-            grads.append(d.detach().to(device=p.device, dtype=p.dtype).neg())
-        for p, g in zip(self._params, grads):
-            p.grad = g
+        borrowed = []
+        for name, p in zip(self._names, self._params):
+            d = delta[name].detach()
+            if in_place and d.dtype == p.dtype and d.device == p.device:
+                p.grad = d.neg_()
+                borrowed.append(d)
+            else:
+                p.grad = d.to(device=p.device, dtype=p.dtype).neg()
         try:
             self._optimizer.step()
         finally:
             for p in self._params:
                 p.grad = None
+            for d in borrowed:
+                d.neg_()
 
     def state_dict(self, copy: bool = True) -> dict:
         """The optimizer state: config name, names, torch state; a deep copy (safe to keep while stepping on)

@@ -80,7 +80,7 @@ def test_broker_restart_mid_run_federation_reconnects_and_completes(how, private
         codes = [fed.wait_coordinator(timeout=60)]
     finally:
         codes += fed.signal(list(fed.workers.values()))
-        fed.signal([fed.coordinator])
+        fed.stop()  # the coordinator, the evaluator, whatever still runs
     logs = fed.run_dir
 
     # The experiment completed and nobody died of the restart.
@@ -312,15 +312,15 @@ def test_a_connection_lost_mid_training_stops_the_training_thread_before_the_wor
 
 
 def test_daemons_told_to_stop_while_the_broker_is_down_exit_cleanly(private_broker, small_corpus_dir, tmp_path):
-    """SIGTERM during a broker outage: the coordinator and the workers stop (exit 0) without waiting for
-    the broker to come back (the design: the worker daemon stops cleanly on SIGTERM, under systemd too)."""
+    """SIGTERM during a broker outage: the coordinator, the evaluator and the workers stop (exit 0) without
+    waiting for the broker to come back (the design: the worker daemon stops cleanly on SIGTERM, under systemd too)."""
     import signal
 
     fed = _federation(private_broker, tmp_path, small_corpus_dir)
     private_broker.stop()
     fed.start()
-    logs = ["coordinator.log", "worker-w1.log", "worker-w2.log"]
-    procs = [fed.coordinator, *fed.workers.values()]
+    logs = ["coordinator.log", "evaluator.log", "worker-w1.log", "worker-w2.log"]
+    procs = [fed.coordinator, fed.evaluator, *fed.workers.values()]
     try:
         fed.wait_for(lambda: all(_events(fed.run_dir / name, "amqp_connect_failed") for name in logs), 180,
                      "every daemon retrying to connect")
@@ -332,4 +332,5 @@ def test_daemons_told_to_stop_while_the_broker_is_down_exit_cleanly(private_brok
         codes = [p.poll() for p in procs]
     finally:
         fed.signal(procs, signal.SIGKILL, timeout=10)
-    assert codes == [0, 0, 0], f"exit codes coordinator, w1, w2 (None: still waiting for the broker): {codes}"
+    assert codes == [0, 0, 0, 0], \
+        f"exit codes coordinator, evaluator, w1, w2 (None: still waiting for the broker): {codes}"

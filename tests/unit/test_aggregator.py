@@ -587,7 +587,7 @@ def test_a_failed_server_step_leaves_the_buffer_and_version_for_a_retry(monkeypa
     agg.add(upd([1.0, 3.0], [0.0], task="a"))
     agg.add(upd([3.0, 1.0], [2.0], task="b"))
 
-    def broken_step(delta):
+    def broken_step(delta, **_options):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(agg.optimizer, "step", broken_step)

@@ -182,3 +182,14 @@ def test_invalid_config_is_rejected_naming_the_field(kwargs, field):
 def test_config_defaults_are_plain_fedavg_sgd():
     cfg = ServerOptimizerConfig()
     assert (cfg.name, cfg.lr) == ("sgd", 1.0)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "fedadam"])
+def test_an_in_place_step_moves_the_parameters_alike_and_gives_the_delta_back(name):
+    cfg = ServerOptimizerConfig(name=name, lr=0.5)
+    copied, borrowed = ({"p": torch.tensor([1.0, -2.0, 3.0])} for _ in range(2))
+    delta = {"p": torch.tensor([0.5, 0.25, -1.0])}
+    ServerOptimizer(copied, cfg).step(delta)
+    lent = {"p": delta["p"].clone()}
+    ServerOptimizer(borrowed, cfg).step(lent, in_place=True)
+    assert torch.equal(borrowed["p"], copied["p"]) and torch.equal(lent["p"], delta["p"])
