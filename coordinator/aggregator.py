@@ -329,6 +329,14 @@ class Aggregator:
         record = self.aggregate() if self.buffered >= self.config.buffer_size else None
         return AddResult("accepted", staleness=staleness, weight=weight, record=record)
 
+    def release_buffer(self) -> bool:
+        """Free the accumulation buffer (a model-sized tensor per parameter) when it holds nothing; the next
+        ``add`` allocates it again. Returns whether it was freed."""
+        if self._contributions:
+            return False
+        self._buffer = None
+        return True
+
     def seen(self, key: UpdateKey) -> bool:
         """Was the update with ``key`` accepted already? (counted and logged as a duplicate when it was)"""
         if key not in self.applied_keys:

@@ -283,6 +283,7 @@ class Coordinator:
         """Checkpoint; unless stopped by a signal, evaluate the final version (when the evaluator has not) and
         test the exported best model, off this thread while it keeps the connection served."""
         self._checkpoint(wait=True)
+        self.aggregator.release_buffer()  # the run is over: room for the export test's model
         test = None
         if reason != "signal":
             ch.queue_purge(self.topo.tasks)  # nothing left for workers to do

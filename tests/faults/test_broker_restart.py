@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.local_federation import LocalFederation
+from faults.test_process_faults import _account
 
 pytestmark = pytest.mark.faults
 
@@ -94,6 +95,7 @@ def test_broker_restart_mid_run_federation_reconnects_and_completes(how, private
     applied = [(t, w) for e in fed.versions() for t, w in zip(e["tasks"], e["workers"])]
     assert len(applied) == len(set(applied)), "an update was applied twice"
     assert at_restart < VERSIONS, "the run finished before the broker restart: nothing was tested"
+    _account(fed)  # every update a worker confirmed: applied once, buffered, dropped as stale or waiting
 
     # Everyone noticed, reconnected and carried on.
     lost = _events(logs / "coordinator.log", "coordinator_connection_lost")

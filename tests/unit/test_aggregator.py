@@ -597,3 +597,14 @@ def test_a_failed_server_step_leaves_the_buffer_and_version_for_a_retry(monkeypa
     monkeypatch.undo()
     rec = agg.aggregate()
     assert rec.version == 1 and agg.state["w"].tolist() == [3.0, 4.0] and agg.state["b"].tolist() == [1.5]
+
+
+def test_the_buffer_is_freed_only_when_it_holds_nothing_and_comes_back_on_the_next_update():
+    agg = make(AggregatorConfig(buffer_size=2, staleness="constant", sample_weighting=False))
+    agg.add(upd([1.0, 1.0], [0.0], task="a"))
+    assert agg.release_buffer() is False and agg.buffered == 1  # a contribution waits in it
+    agg.add(upd([3.0, 3.0], [2.0], task="b"))  # the step empties it
+    assert agg.release_buffer() is True
+    agg.add(upd([1.0, 1.0], [0.0], task="c", base=1))
+    agg.add(upd([1.0, 1.0], [0.0], task="d", base=1))
+    assert agg.version == 2
