@@ -52,6 +52,7 @@ benchmarks: broker data
 	$(PY) tests/benchmarks/compression.py
 	$(PY) tests/benchmarks/transport.py
 	$(PY) tests/benchmarks/worker_throughput.py
+	$(PY) tests/benchmarks/coordinator_overhead.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache runs

@@ -346,7 +346,12 @@ class Coordinator:
         elif isinstance(msg, messages.Heartbeat):
             self.workers.setdefault(msg.node, {})["last_seen"] = time.time()
         elif isinstance(msg, messages.Metrics) and msg.source == EVALUATOR and {"accuracy", "loss"} <= set(msg.values):
-            self._evaluated(msg.version, msg.values["accuracy"], msg.values["loss"])
+            accuracy, loss = msg.values["accuracy"], msg.values["loss"]
+            if not (0.0 <= accuracy <= 1.0 and math.isfinite(loss) and 0 <= msg.version <= self.version):
+                log.warning("event_invalid", routing_key=method.routing_key,
+                            error=f"evaluation of version {msg.version}: accuracy {accuracy}, loss {loss}")
+                return
+            self._evaluated(msg.version, accuracy, loss)
         elif isinstance(msg, messages.Metrics) and "val_accuracy" in msg.values:
             self.record.append({"kind": "federated_eval", "version": msg.version, "worker": msg.source,
                                 "time_s": round(self.elapsed(), 2), **msg.values})

@@ -80,6 +80,13 @@ LOADER_CASES = {
                               ["worker.heartbeat_s must be a finite number >= 0.1, got 0", "MQFED_WORKER_HEARTBEAT_S"]),
     "worker-inline-above-message-limit": ("worker", "[worker]\ninline_max_bytes = 67108864\n", {},
                                           ["worker.inline_max_bytes must be an int in [1024, 64 MiB - 1 MiB]"]),
+    "zero-checkpoint-cadence": ("experiment", "[checkpoint]\nevery_versions = 0\n", {},
+                                ["checkpoint.every_versions must be an int >= 1, got 0"]),
+    "infinite-checkpoint-period": ("experiment", "", {"MQFED_CHECKPOINT_EVERY_S": "inf"},
+                                   ["checkpoint.every_s must be a finite number > 0, got inf",
+                                    "MQFED_CHECKPOINT_EVERY_S"]),
+    "worker-no-model-cache": ("worker", "[worker]\ncache_versions = 0\n", {},
+                              ["worker.cache_versions must be an int >= 1, got 0"]),
 }
 
 
