@@ -198,7 +198,8 @@ class Coordinator:
                 self._lock_fd = None
 
     def _start_over(self) -> None:
-        """Delete the experiment's queues, checkpoint and record: the next session starts at version 0."""
+        """Delete the experiment's queues, checkpoint, log, spools, record and run id: the next session starts
+        at version 0."""
         conn = connect("coordinator", self.node, "fresh", self.url, attempts=3)
         try:
             topology.delete(conn.channel(), self.topo)
@@ -223,7 +224,7 @@ class Coordinator:
         return path.read_text().strip()
 
     def _session(self, conn) -> dict:
-        """One broker connection's worth of work; resumes from the checkpoint first."""
+        """One broker connection's worth of work; resumes from the checkpoint and the log first."""
         self._resume()
         self._session_start = time.monotonic()
         ch = conn.channel()
@@ -450,8 +451,9 @@ class Coordinator:
             path.unlink(missing_ok=True)
 
     def _new_version(self, record: AggregationRecord, replaying: bool = False) -> None:
-        """Publish (workers need the model first), evaluate, record, checkpoint when due. A version rebuilt
-        from the log at resume is only recorded: its model was published, or the newest is at start."""
+        """Publish (workers need the model first), record, checkpoint when due (the evaluator evaluates it,
+        in its own process). A version rebuilt from the log at resume is only recorded: its model was
+        published, or the newest is at start."""
         self._model_is_initial = False
         entry = {"version": record.version, "time_s": round(self.elapsed(), 2), "accuracy": None, "loss": None,
                  "staleness": list(record.staleness), "workers": list(record.worker_ids),
@@ -482,10 +484,8 @@ class Coordinator:
         """Write a checkpoint of the state now, off this thread (one write at a time), then cut the log up to
         what it holds. wait: return only once it is on disk."""
         self._join_writer()
-        state, seq = self._checkpoint_state(), self.wal_seq  # tensors cloned: the state moves on meanwhile
-        self._ckpt_at = (self.version, time.monotonic())
-
-        version = self.version
+        state, seq, version = self._checkpoint_state(), self.wal_seq, self.version  # live tensors: see there
+        self._ckpt_at = (version, time.monotonic())
 
         def write() -> None:
             try:

@@ -1,19 +1,23 @@
 """The size users run: the wav2vec2-base preset (94.6 M parameters, random init) in a real federation (a
 coordinator and 2 worker processes over the real broker), where every model version is a 378 MB transfer
 and updates sit at or above the inline limit. Tiny local work (one step of batch 2) keeps it to minutes on
-2 cores. The coordinator is SIGKILLed after buffering, with no checkpoint yet, so only the write-ahead log
-holds what it accepted; the accounting then proves every confirmed update applied exactly once, still
-buffered or still waiting, none dead-lettered, and the run completes. About 3 minutes each
-(`make test-faults` runs them; docs/faults.md)."""
+2 cores. The coordinator is SIGKILLed after buffering and mid log append (no checkpoint yet: only the
+write-ahead log holds what it accepted), and mid-checkpoint (a 0.4 GB write torn); the accounting then
+proves every confirmed update applied exactly once, still buffered or still waiting, none dead-lettered,
+and the run completes. About 1.5 minutes each (`make test-faults` runs them; docs/faults.md)."""
 from __future__ import annotations
+
+import signal
 
 import pytest
 
+from coordinator import checkpoint
 from faults.test_process_faults import (
     _FEDERATIONS,
     _assert_consistent,
     _federation,
     _killed_before_any_checkpoint_then_resumed,
+    _run_to_end,
 )
 
 pytestmark = [pytest.mark.faults, pytest.mark.realsize]
@@ -47,3 +51,31 @@ def test_wav2vec2_base_federation_survives_a_coordinator_killed_after_buffering(
         assert all(e["wire_bytes"] > 1024 for e in published), "every update must travel in chunks"
     else:
         assert all(e["wire_bytes"] > 100_000 for e in published), published  # real-size deltas, not kws-tiny's
+
+
+_CHUNKED = {"MQFED_WORKER_INLINE_MAX_BYTES": "1024", "MQFED_WORKER_CHUNK_BYTES": "262144"}
+
+
+def test_wav2vec2_base_federation_survives_a_coordinator_killed_mid_log_append(experiment, tiny_corpus_dir, tmp_path):
+    fed = _federation(experiment, tmp_path, tiny_corpus_dir, [{"shard": "iid:1/2", "env": _CHUNKED},
+                                                              {"shard": "iid:2/2", "env": _CHUNKED}], **REAL_SIZE)
+    # the 3rd update's payload is in the log, its commit mark is not: a torn append
+    _killed_before_any_checkpoint_then_resumed(fed, "coordinator.mid_wal_append=kill@3", timeout=900)
+    _assert_consistent(fed, 4)  # with the accounting of every confirmed update
+    assert fed.events("coordinator.log", "coordinator_resumed")[0]["replayed"] == 2
+
+
+def test_wav2vec2_base_federation_survives_a_coordinator_killed_mid_checkpoint(experiment, tiny_corpus_dir, tmp_path):
+    fed = _federation(experiment, tmp_path, tiny_corpus_dir, [{"shard": "iid:1/2"}, {"shard": "iid:2/2"}],
+                      **{**REAL_SIZE, "checkpoint.every_versions": 1})
+    fed.start_coordinator(env={"MQFED_FAILPOINTS": "coordinator.before_checkpoint_rename=kill@2"})
+    for spec in fed.worker_specs:
+        fed.start_worker(spec["node"])
+    fed.wait_for(lambda: fed.coordinator.poll() is not None, 900, "the coordinator to die mid-checkpoint")
+    assert fed.coordinator.returncode == -signal.SIGKILL
+    assert checkpoint.load(fed.run_dir / "checkpoint.pt", fed.name)["aggregator"]["version"] == 1
+    fed.start_coordinator()
+    _run_to_end(fed, timeout=900)
+    _assert_consistent(fed, 4)  # the checkpoint of version 2 was torn: version 1's and the log serve
+    resumed = fed.events("coordinator.log", "coordinator_resumed")[0]
+    assert resumed["checkpoint_version"] == 1 and resumed["replayed"] >= 2, resumed
