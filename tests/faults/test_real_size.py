@@ -2,9 +2,9 @@
 coordinator and 2 worker processes over the real broker), where every model version is a 378 MB transfer
 and updates sit at or above the inline limit. Tiny local work (one step of batch 2) keeps it to minutes on
 2 cores. The coordinator is SIGKILLed after buffering and mid log append (no checkpoint yet: only the
-write-ahead log holds what it accepted), and mid-checkpoint (a 0.4 GB write torn); the accounting then
-proves every confirmed update applied exactly once, still buffered or still waiting, none dead-lettered,
-and the run completes. About 1.5 minutes each (`make test-faults` runs them; docs/faults.md)."""
+write-ahead log holds what it accepted), mid-checkpoint (a 0.4 GB write torn) and while a standby waits;
+a worker is SIGKILLed mid-upload. The accounting then proves every confirmed update applied exactly once,
+still buffered or still waiting, none dead-lettered, and the run completes. About 1.5 minutes each (`make test-faults` runs them; docs/faults.md)."""
 from __future__ import annotations
 
 import signal
@@ -12,10 +12,12 @@ import signal
 import pytest
 
 from coordinator import checkpoint
+from coordinator.local_federation import LocalFederation
 from faults.test_process_faults import (
     _FEDERATIONS,
     _assert_consistent,
     _federation,
+    _held_task,
     _killed_before_any_checkpoint_then_resumed,
     _run_to_end,
 )
@@ -79,3 +81,37 @@ def test_wav2vec2_base_federation_survives_a_coordinator_killed_mid_checkpoint(e
     _assert_consistent(fed, 4)  # the checkpoint of version 2 was torn: version 1's and the log serve
     resumed = fed.events("coordinator.log", "coordinator_resumed")[0]
     assert resumed["checkpoint_version"] == 1 and resumed["replayed"] >= 2, resumed
+
+
+def test_wav2vec2_base_a_standby_coordinator_takes_over_when_the_active_one_dies(experiment, tiny_corpus_dir,
+                                                                                  tmp_path):
+    fed = _federation(experiment, tmp_path, tiny_corpus_dir, [{"shard": "iid:1/2"}, {"shard": "iid:2/2"}],
+                      **REAL_SIZE).start()
+    fed.wait_for(lambda: len(fed.versions()) >= 1, 900, "a version")
+    active, workers = fed.coordinator, list(fed.workers.values())
+    for w in workers:
+        w.send_signal(signal.SIGSTOP)  # the run must not end before the replica stands by
+    try:
+        standby = fed.start_coordinator(log_name="coordinator-standby.log")
+        fed.wait_for(lambda: fed.events("coordinator-standby.log", "coordinator_standby"), 600,
+                     "the replica to stand by")
+        LocalFederation.signal([active], signal.SIGKILL)
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGCONT)
+    _run_to_end(fed, timeout=900)
+    assert standby.returncode == 0
+    _assert_consistent(fed, 4)  # with the accounting of every confirmed update
+    assert fed.events("coordinator-standby.log", "coordinator_resumed")[0]["version"] >= 1
+
+
+def test_wav2vec2_base_worker_killed_mid_upload_loses_no_task(experiment, tiny_corpus_dir, tmp_path):
+    fed = _federation(experiment, tmp_path, tiny_corpus_dir, [
+        {"shard": "iid:1/2", "env": {**_CHUNKED, "MQFED_FAILPOINTS": "worker.after_chunk=kill@5"}},  # 2nd upload
+        {"shard": "iid:2/2", "env": _CHUNKED}], **{**REAL_SIZE, "tasks.transfer_timeout_s": 20.0}).start()
+    fed.wait_for(lambda: fed.workers["w1"].poll() is not None, 900, "w1 to die mid-upload")
+    held = _held_task(fed, "w1")
+    _run_to_end(fed, timeout=900)
+    _assert_consistent(fed, 4)  # with the accounting: the partial upload was never confirmed, nothing lost
+    assert held in {t for e in fed.versions() for t in e["tasks"]}, "the task the killed worker held was lost"
+    assert any(e["error"] == "IncompleteTransfer" for e in fed.events("coordinator.log", "transfer_dropped"))
