@@ -3,7 +3,7 @@ coordinator and 2 worker processes over the real broker), where every model vers
 and updates sit at or above the inline limit. Tiny local work (one step of batch 2) keeps it to minutes on
 2 cores. The coordinator is SIGKILLed after buffering and mid log append (no checkpoint yet: only the
 write-ahead log holds what it accepted), mid-checkpoint (a 0.4 GB write torn) and while a standby waits;
-a worker is SIGKILLed mid-upload. The accounting then proves every confirmed update applied exactly once,
+a worker is SIGKILLed mid-upload; the broker is restarted. The accounting then proves every confirmed update applied exactly once,
 still buffered or still waiting, none dead-lettered, and the run completes. About 1.5 minutes each (`make test-faults` runs them; docs/faults.md)."""
 from __future__ import annotations
 
@@ -115,3 +115,23 @@ def test_wav2vec2_base_worker_killed_mid_upload_loses_no_task(experiment, tiny_c
     _assert_consistent(fed, 4)  # with the accounting: the partial upload was never confirmed, nothing lost
     assert held in {t for e in fed.versions() for t in e["tasks"]}, "the task the killed worker held was lost"
     assert any(e["error"] == "IncompleteTransfer" for e in fed.events("coordinator.log", "transfer_dropped"))
+
+
+def test_wav2vec2_base_federation_survives_a_broker_restart(private_broker, tiny_corpus_dir, tmp_path):
+    """RabbitMQ (a private node) restarted after the first version: 378 MB versions in a stream that must
+    survive it, every process reconnecting, the coordinator resuming from its log."""
+    from common.config import load_config
+    from coordinator.experiment import ExperimentConfig
+
+    cfg = load_config(ExperimentConfig, env={}, overrides={
+        "experiment.name": "realsize-restart", "experiment.run_dir": str(tmp_path / "run"),
+        "data.path": str(tiny_corpus_dir), **REAL_SIZE})
+    fed = LocalFederation(cfg, tiny_corpus_dir, [{"shard": "iid:1/2"}, {"shard": "iid:2/2"}],
+                          env={"AMQP_URL": private_broker.url})
+    _FEDERATIONS.append(fed)
+    fed.start()
+    fed.wait_for(lambda: len(fed.versions()) >= 1, 900, "a version")
+    private_broker.restart()
+    _run_to_end(fed, timeout=900)
+    _assert_consistent(fed, 4)  # with the accounting of every confirmed update
+    assert fed.events("coordinator.log", "coordinator_connection_lost"), "the coordinator never noticed"
