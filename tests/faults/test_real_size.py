@@ -4,7 +4,8 @@ and updates sit at or above the inline limit. Tiny local work (one step of batch
 2 cores. The coordinator is SIGKILLed after buffering and mid log append (no checkpoint yet: only the
 write-ahead log holds what it accepted), mid-checkpoint (a 0.4 GB write torn) and while a standby waits;
 a worker is SIGKILLed mid-upload; the broker is restarted. The accounting then proves every confirmed
-update applied exactly once, still buffered or still waiting, none dead-lettered, and the run completes. About 1.5 minutes each (`make test-faults` runs them; docs/faults.md)."""
+update applied exactly once, still buffered or still waiting, none dead-lettered, and the run completes.
+1.3-1.8 minutes each (`make test-faults` runs them; docs/faults.md)."""
 from __future__ import annotations
 
 import signal
