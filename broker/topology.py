@@ -8,15 +8,22 @@ All names derive from the experiment name and read well in the management UI:
 | mqfed.<exp>.updates           | quorum queue        | single active consumer, dead letters -> mqfed.<exp>.dlx     |
 | mqfed.<exp>.models            | stream              | x-max-length-bytes retention                                |
 | mqfed.<exp>.model-index       | stream              | small ModelVersion announcements (offset of each version)   |
-| mqfed.<exp>.dead-letters      | quorum queue        | inspectable; bound to the DLX                               |
-| mqfed.<exp>.work              | direct exchange     | "tasks" -> tasks queue, "updates" -> updates queue          |
+| mqfed.<exp>.dead-letters      | quorum queue        | inspectable; bound to the DLX; newest 10 000 / 1 GiB kept   |
+| mqfed.<exp>.task-exchange     | direct exchange     | "tasks" -> tasks queue (the coordinator writes)             |
+| mqfed.<exp>.update-exchange   | direct exchange     | "updates" -> updates queue (workers write)                  |
+| mqfed.<exp>.model-exchange    | direct exchange     | "models" / "model-index" -> the two streams (coordinator)   |
 | mqfed.<exp>.dlx               | fanout exchange     | dead-letter exchange                                        |
 | mqfed.<exp>.events            | topic exchange      | registration.<node>, heartbeat.<node>, metrics.<source>, model.version |
+| mqfed.<exp>.listen.<id>       | classic, exclusive  | an event listener's own queue (coordinator, status)         |
+
+One exchange per writer role, and no use of the default exchange, so that RabbitMQ's write permission (a
+regex on exchange names) says who may publish what: docs/security.md.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+import uuid
 
 import pika.exceptions
 
@@ -27,6 +34,8 @@ from common.transport.connection import QueueUnavailable, queue_unavailable_is_r
 log = get_logger(__name__)
 _NAME_OK = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 DEFAULT_MODEL_RETENTION_BYTES = 20 * 1024**3
+DEAD_LETTER_MAX_MESSAGES = 10_000  # the dead-letter queue keeps the newest (drop-head): bounded under a flood
+DEAD_LETTER_MAX_BYTES = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +78,17 @@ class Topology:
     models = property(lambda self: f"{self.prefix}.models")
     model_index = property(lambda self: f"{self.prefix}.model-index")
     dead_letters = property(lambda self: f"{self.prefix}.dead-letters")
-    work_exchange = property(lambda self: f"{self.prefix}.work")
+    task_exchange = property(lambda self: f"{self.prefix}.task-exchange")
+    update_exchange = property(lambda self: f"{self.prefix}.update-exchange")
+    model_exchange = property(lambda self: f"{self.prefix}.model-exchange")
     dlx = property(lambda self: f"{self.prefix}.dlx")
     events = property(lambda self: f"{self.prefix}.events")
-    TASKS_KEY, UPDATES_KEY = "tasks", "updates"
+    TASKS_KEY, UPDATES_KEY, MODELS_KEY, MODEL_INDEX_KEY = "tasks", "updates", "models", "model-index"
+
+    def listener_queue(self, role: str) -> str:
+        """A name for an event listener's own exclusive queue (inside the experiment's names, so the
+        coordinator's configure permission covers it)."""
+        return f"{self.prefix}.listen.{role}-{uuid.uuid4().hex[:12]}"
 
     def queues(self) -> list[Queue]:
         dl = {"x-dead-letter-exchange": self.dlx}
@@ -82,16 +98,20 @@ class Topology:
             Queue(self.updates, {"x-queue-type": "quorum", "x-single-active-consumer": True, **dl}),
             Queue(self.models, stream),
             Queue(self.model_index, {"x-queue-type": "stream", "x-max-length-bytes": 64 * 1024 * 1024}),
-            Queue(self.dead_letters, {"x-queue-type": "quorum"}),
+            Queue(self.dead_letters, {"x-queue-type": "quorum", "x-max-length": DEAD_LETTER_MAX_MESSAGES,
+                                      "x-max-length-bytes": DEAD_LETTER_MAX_BYTES, "x-overflow": "drop-head"}),
         ]
 
     def exchanges(self) -> list[Exchange]:
-        return [Exchange(self.work_exchange, "direct"), Exchange(self.dlx, "fanout"), Exchange(self.events, "topic")]
+        return [Exchange(self.task_exchange, "direct"), Exchange(self.update_exchange, "direct"),
+                Exchange(self.model_exchange, "direct"), Exchange(self.dlx, "fanout"), Exchange(self.events, "topic")]
 
     def bindings(self) -> list[Binding]:
         return [
-            Binding(self.work_exchange, self.tasks, self.TASKS_KEY),
-            Binding(self.work_exchange, self.updates, self.UPDATES_KEY),
+            Binding(self.task_exchange, self.tasks, self.TASKS_KEY),
+            Binding(self.update_exchange, self.updates, self.UPDATES_KEY),
+            Binding(self.model_exchange, self.models, self.MODELS_KEY),
+            Binding(self.model_exchange, self.model_index, self.MODEL_INDEX_KEY),
             Binding(self.dlx, self.dead_letters, ""),
         ]
 
@@ -103,15 +123,28 @@ def declare(channel, topo: Topology, passive: bool = False) -> None:
     raises pika.exceptions.ChannelClosedByBroker (404) when something is missing, and
     common.transport.connection.QueueUnavailable (a retryable 404) when a queue exists but is not back yet after a restart.
     """
-    with queue_unavailable_is_retryable():
-        for ex in topo.exchanges():
-            channel.exchange_declare(ex.name, ex.type, durable=True, passive=passive)
-        for q in topo.queues():
-            channel.queue_declare(q.name, durable=True, passive=passive, arguments=None if passive else q.arguments)
-        if not passive:
-            for b in topo.bindings():
-                channel.queue_bind(b.queue, b.exchange, routing_key=b.routing_key)
+    try:
+        with queue_unavailable_is_retryable():
+            for ex in topo.exchanges():
+                channel.exchange_declare(ex.name, ex.type, durable=True, passive=passive)
+            for q in topo.queues():
+                channel.queue_declare(q.name, durable=True, passive=passive,
+                                      arguments=None if passive else q.arguments)
+            if not passive:
+                for b in topo.bindings():
+                    channel.queue_bind(b.queue, b.exchange, routing_key=b.routing_key)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 406:
+            raise TopologyMismatch(
+                f"experiment {topo.experiment}: {exc.reply_text}. It was declared with other arguments (by an"
+                f" older mqfed?): `mqfed-broker teardown --experiment {topo.experiment}` or run the coordinator"
+                f" with --fresh") from None
+        raise
     log.debug("topology_declared", experiment=topo.experiment, passive=passive)
+
+
+class TopologyMismatch(MqfedError):
+    """A queue or exchange of the experiment exists with other arguments than this code declares."""
 
 
 class ExperimentNotDeclared(MqfedError):

@@ -5,11 +5,17 @@ Contract: a client update carries ``delta = trained - base``; ``add`` validates 
 with a reason from ``REASONS``, counted), weights it by staleness and sample count, buffers it, and at K
 updates hands the mean ``sum_i w_i delta_i / sum_i p_i`` to the server optimizer as ``grad = -mean``.
 An update whose key was accepted already is a ``duplicate``, never applied twice; keys older than
-``max_staleness`` are forgotten below a durable floor. Reasoning: docs/aggregation.md.
+``max_staleness`` are forgotten below a durable floor. Poisoning bounds: a sample count above what the task
+asked for, or a norm above ``max_update_norm`` or the adaptive bound (``norm_bound_factor`` x the median
+norm of recent accepted updates; before any, ``norm_bound_initial`` x the model's norm) is rejected; a step
+whose mean delta, new parameters or new optimizer state would not be finite is refused (`RefusedStep`)
+without changing the model or the optimizer. Reasoning: docs/aggregation.md.
 """
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Union
 
@@ -39,9 +45,16 @@ REASONS = (
     "dtype",           # dtype differs from the parameter's (sparse: indices not int64)
     "index",           # a sparse index outside [0, numel)
     "nan",             # a NaN or infinite value
-    "norm",            # L2 norm of the whole update above config.max_update_norm
-    "num_samples",     # num_samples < 1
+    "norm",            # L2 norm of the whole update above max_update_norm or the adaptive bound
+    "num_samples",     # num_samples < 1, or above the max_samples the task allowed
 )
+
+
+#: ``AggregatorConfig.norm_bound_initial``'s default: the first updates of a run (before any accepted norm
+#: exists) may move the model by at most this times its own L2 norm. Measured on real local training (the
+#: default task, 40 AdamW steps at 2e-3): ||delta|| / ||model|| = 0.12-0.20 for kws-tiny (0.37-0.38 at 160
+#: steps), 0.45 for wav2vec2-base; 10 leaves a margin of over 20x (docs/aggregation.md, "Poisoning bounds").
+NORM_BOUND_INITIAL = 10.0
 
 
 class UpdateRejected(MqfedError, ValueError):
@@ -82,7 +95,9 @@ class UpdateKey:
 class ClientUpdate:
     """One client's contribution: ``delta[name] = trained[name] - base[name]`` for every float parameter.
 
-    num_samples: how many training examples the client used (the sample weight ``n_i``).
+    num_samples: how many training examples the client used (the sample weight ``n_i``), as it says.
+    max_samples: the most the task could have used (the caller computes it from the task's local settings);
+        an update claiming more is rejected (``num_samples``). None: not checked.
     """
 
     experiment: str
@@ -91,6 +106,7 @@ class ClientUpdate:
     base_version: int
     num_samples: int
     delta: Mapping[str, DeltaValue]
+    max_samples: int | None = None
 
     @property
     def key(self) -> UpdateKey:
@@ -152,6 +168,12 @@ class AggregatorConfig:
     staleness_a, staleness_b: the weighting's parameters (>= 0); polynomial uses ``a``, hinge ``a`` and ``b``.
     sample_weighting: weight each update by its ``num_samples``.
     max_update_norm: reject updates whose global L2 norm exceeds this (> 0); None = no bound.
+    norm_bound_factor: the adaptive bound: reject an update whose global L2 norm exceeds this factor times
+        the median norm of the last ``norm_bound_window`` accepted updates (> 0); None = off.
+    norm_bound_window: how many accepted updates' norms that median is taken over (>= 1).
+    norm_bound_initial: while no accepted norm is known (the first updates of a run), the adaptive bound is
+        this factor times the L2 norm of the model's floating-point state (> 0); None = no bound then.
+        Measured ratios ||delta|| / ||model|| and the choice: docs/aggregation.md, "Poisoning bounds".
     experiment: if set, updates for another experiment are rejected (reason ``experiment``).
     """
 
@@ -162,6 +184,9 @@ class AggregatorConfig:
     staleness_b: float = rule(0.0, ge=0)
     sample_weighting: bool = True
     max_update_norm: float | None = rule(None, gt=0)
+    norm_bound_factor: float | None = rule(10.0, gt=0)
+    norm_bound_window: int = rule(50, ge=1)
+    norm_bound_initial: float | None = rule(NORM_BOUND_INITIAL, gt=0)
     experiment: str | None = None
 
     def __post_init__(self) -> None:
@@ -198,13 +223,39 @@ class AggregationRecord:
 
 
 @dataclass(frozen=True)
+class RefusedStep:
+    """A server step that was not taken: its mean delta, a new parameter or the optimizer's new state would
+    not have been finite. The model, the optimizer state and the version stay as they were; the buffer was
+    emptied and its updates' keys stay accepted (a redelivery is a duplicate, never applied).
+
+    version: the global version, unchanged (the step would have made ``version + 1``).
+    staleness, worker_ids, task_ids, num_samples: per refused update, in arrival order.
+    reason: ``mean_not_finite`` | ``param_not_finite`` | ``state_not_finite``; detail: which tensor.
+    """
+
+    version: int
+    staleness: tuple[int, ...]
+    worker_ids: tuple[str, ...]
+    task_ids: tuple[str, ...]
+    num_samples: tuple[int, ...]
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class AddResult:
-    """Outcome of ``Aggregator.add``: status ``accepted`` or ``duplicate``; ``record`` when a step was taken."""
+    """Outcome of ``Aggregator.add``: status ``accepted``, ``duplicate`` or ``refused``.
+
+    accepted: buffered; ``record`` is set when this update completed the buffer and the step was taken.
+    refused: accepted, and it completed the buffer, but the step was refused (``refused`` says why): nothing
+        was applied, the buffer is empty, the update's key stays accepted.
+    """
 
     status: str
     staleness: int | None = None
     weight: float | None = None
     record: AggregationRecord | None = None
+    refused: RefusedStep | None = None
 
 
 @dataclass
@@ -214,6 +265,7 @@ class _Contribution:
     num_samples: int
     weight: float
     share: float
+    norm: float = 0.0  # its L2 norm; > 0 when it entered the norm history
 
 
 def _sq_norm(t: torch.Tensor) -> float:
@@ -221,8 +273,14 @@ def _sq_norm(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
 
 
+def _enters_history(norm: float) -> bool:
+    """Whether an accepted update's norm enters the norm history: a zero norm would pull the median (and the
+    bound) to 0, and no honest update has an infinite one."""
+    return 0.0 < norm < math.inf
+
+
 def _new_counters() -> dict:
-    return {"accepted": 0, "duplicates": 0, "applied_updates": 0, "steps": 0, "rejected": {}}
+    return {"accepted": 0, "duplicates": 0, "applied_updates": 0, "steps": 0, "step_refused": 0, "rejected": {}}
 
 
 class Aggregator:
@@ -252,6 +310,9 @@ class Aggregator:
         self._weight_fn = make_staleness_weight(self.config.staleness, self.config.staleness_a, self.config.staleness_b)
         self._buffer: dict[str, torch.Tensor] | None = None
         self._contributions: list[_Contribution] = []
+        #: L2 norms of the last ``norm_bound_window`` accepted updates (those of a refused step taken out
+        #: again), oldest first: the adaptive bound's median. Checkpointed, so a replay decides the same.
+        self._norms: deque[float] = deque(maxlen=self.config.norm_bound_window)
 
     # -- public API ---------------------------------------------------------------------------------------
 
@@ -260,19 +321,55 @@ class Aggregator:
         """How many accepted updates wait in the buffer."""
         return len(self._contributions)
 
+    @property
+    def norm_history(self) -> list[float]:
+        """The accepted update norms the adaptive bound takes its median of, oldest first (a copy)."""
+        return list(self._norms)
+
     def staleness_weight(self, staleness: int) -> float:
         return self._weight_fn(staleness)
+
+    def model_norm(self) -> float:
+        """L2 norm of the model's floating-point state (float64 accumulation)."""
+        return math.sqrt(sum(_sq_norm(p) for p in self.params.values()))
+
+    def norm_bound(self) -> tuple[float, str] | None:
+        """The adaptive bound the next update's L2 norm must not exceed, and how it was reached; None when
+        there is none: ``norm_bound_factor`` is None, or no norm is accepted yet and ``norm_bound_initial``
+        is None or the model's norm is 0. (``max_update_norm`` applies besides, on its own.)"""
+        cfg = self.config
+        if cfg.norm_bound_factor is None:
+            return None
+        if self._norms:
+            median = statistics.median(self._norms)
+            return (cfg.norm_bound_factor * median,
+                    f"{cfg.norm_bound_factor:g} x the median {median:.6g} of the last {len(self._norms)}"
+                    " accepted update norms")
+        if cfg.norm_bound_initial is None:
+            return None
+        model_norm = self.model_norm()
+        if not model_norm > 0:
+            return None
+        return (cfg.norm_bound_initial * model_norm,
+                f"{cfg.norm_bound_initial:g} x the model's L2 norm {model_norm:.6g} (no accepted update norm yet)")
 
     def validate(self, update: ClientUpdate) -> int:
         """Check ``update`` against the model and config without changing anything; returns its staleness.
 
         Raises UpdateRejected (not counted here; ``add`` counts) for the first problem found.
         """
+        return self._validate(update)[0]
+
+    def _validate(self, update: ClientUpdate) -> tuple[int, float]:
+        """`validate`, returning (staleness, the update's global L2 norm)."""
         cfg = self.config
         if cfg.experiment is not None and update.experiment != cfg.experiment:
             raise UpdateRejected("experiment", f"update is for {update.experiment!r}, not {cfg.experiment!r}")
         if isinstance(update.num_samples, bool) or not isinstance(update.num_samples, int) or update.num_samples < 1:
             raise UpdateRejected("num_samples", f"num_samples must be an int >= 1, got {update.num_samples!r}")
+        if update.max_samples is not None and update.num_samples > update.max_samples:
+            raise UpdateRejected("num_samples", f"update claims {update.num_samples} samples, the task asked for"
+                                                f" at most {update.max_samples}")
         staleness = self.version - update.base_version
         if staleness < 0:
             raise UpdateRejected(
@@ -292,19 +389,22 @@ class Aggregator:
         sq_norm = 0.0
         for name, value in delta.items():
             sq_norm += self._check_tensor(name, value, self.params[name])
-        if cfg.max_update_norm is not None:
-            norm = math.sqrt(sq_norm)
-            if not norm <= cfg.max_update_norm:
-                raise UpdateRejected("norm", f"update L2 norm {norm:.6g} > max_update_norm {cfg.max_update_norm:.6g}")
-        return staleness
+        norm = math.sqrt(sq_norm)
+        if cfg.max_update_norm is not None and not norm <= cfg.max_update_norm:
+            raise UpdateRejected("norm", f"update L2 norm {norm:.6g} > max_update_norm {cfg.max_update_norm:.6g}")
+        bound = self.norm_bound()
+        if bound is not None and not norm <= bound[0]:
+            raise UpdateRejected("norm", f"update L2 norm {norm:.6g} > {bound[0]:.6g} = {bound[1]}")
+        return staleness, norm
 
     def add(self, update: ClientUpdate) -> AddResult:
         """Validate and buffer ``update``; take a server step when the buffer holds K updates.
 
         Returns ``AddResult("duplicate")`` if the update's key was already accepted (counted, not applied),
         otherwise ``AddResult("accepted", staleness, weight, record)`` with ``record`` set when this update
-        completed the buffer. Raises UpdateRejected (counted) when validation fails; the buffer is
-        untouched then.
+        completed the buffer and the step was taken, or ``AddResult("refused", staleness, weight,
+        refused=RefusedStep)`` when it completed the buffer but the step was refused (see `aggregate`).
+        Raises UpdateRejected (counted) when validation fails; the buffer is untouched then.
         """
         key = update.key
         if self.seen(key):
@@ -313,7 +413,7 @@ class Aggregator:
             if key.base_version < self.applied_keys.floor:
                 raise UpdateRejected("stale", f"base_version {key.base_version} is below {self.applied_keys.floor},"
                                               " the oldest version whose applied updates are remembered")
-            staleness = self.validate(update)
+            staleness, norm = self._validate(update)
         except UpdateRejected as exc:
             rejected = self.counters["rejected"]
             rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
@@ -323,11 +423,18 @@ class Aggregator:
         weight = self._weight_fn(staleness) * share
         self._accumulate(update.delta, weight)
         self.applied_keys.add(key)
-        self._contributions.append(_Contribution(key, staleness, update.num_samples, weight, share))
+        if _enters_history(norm):
+            self._norms.append(norm)
+        self._contributions.append(_Contribution(key, staleness, update.num_samples, weight, share, norm))
         self.counters["accepted"] += 1
-        log.debug("update_buffered", staleness=staleness, weight=weight, buffered=self.buffered, **asdict(key))
-        record = self.aggregate() if self.buffered >= self.config.buffer_size else None
-        return AddResult("accepted", staleness=staleness, weight=weight, record=record)
+        log.debug("update_buffered", staleness=staleness, weight=weight, norm=norm, buffered=self.buffered,
+                  **asdict(key))
+        if self.buffered < self.config.buffer_size:
+            return AddResult("accepted", staleness=staleness, weight=weight)
+        outcome = self.aggregate()
+        if isinstance(outcome, RefusedStep):
+            return AddResult("refused", staleness=staleness, weight=weight, refused=outcome)
+        return AddResult("accepted", staleness=staleness, weight=weight, record=outcome)
 
     def release_buffer(self) -> bool:
         """Free the accumulation buffer (a model-sized tensor per parameter) when it holds nothing; the next
@@ -345,11 +452,19 @@ class Aggregator:
         log.info("update_duplicate", **asdict(key))
         return True
 
-    def aggregate(self) -> AggregationRecord:
+    def aggregate(self) -> AggregationRecord | RefusedStep:
         """Apply the buffered weighted mean through the server optimizer now, bump the version, clear the buffer.
 
+        Before anything is applied, the mean delta, every parameter the optimizer would produce and its new
+        state are checked finite (a dry run, one tensor at a time: `ServerOptimizer.check_step`). If one is
+        not, the step is refused: the model, the optimizer state and the version stay exactly as they were,
+        the buffer is emptied (its updates' keys stay accepted, their norms leave the norm history), its
+        updates are counted in ``counters["step_refused"]``, and a `RefusedStep` is returned instead of the
+        `AggregationRecord`.
+
         ``add`` calls this when K updates are buffered; call it directly to flush a partial buffer (for
-        example at the end of an experiment). Raises RuntimeError when the buffer is empty.
+        example at the end of an experiment). Raises RuntimeError when the buffer is empty; when the server
+        optimizer raises, the buffer is left as it was (up to rounding) for a retry.
         """
         if not self._contributions or self._buffer is None:
             raise RuntimeError("aggregate: the buffer is empty")
@@ -360,11 +475,15 @@ class Aggregator:
             b.div_(normalizer)
         delta_norm = math.sqrt(sum(_sq_norm(t) for t in mean.values()))
         try:
-            self.optimizer.step(mean, in_place=True)  # the buffer is the gradient: no model-sized copy
+            problem = self._check_step(mean)
+            if problem is None:
+                self.optimizer.step(mean, in_place=True)  # the buffer is the gradient: no model-sized copy
         except Exception:
             for b in mean.values():  # leave the buffer as it was (up to rounding) for a retry
                 b.mul_(normalizer)
             raise
+        if problem is not None:
+            return self._refuse(*problem)
         self.version += 1
         contributions = self._contributions
         record = AggregationRecord(
@@ -394,7 +513,8 @@ class Aggregator:
         return record
 
     def state_dict(self, include_model: bool = True, clone: bool = True) -> dict:
-        """Everything needed to resume exactly: version, buffer, counters, applied keys, optimizer state.
+        """Everything needed to resume exactly: version, buffer, counters, applied keys, norm history, optimizer
+        state.
 
         include_model: also copy the global state (leave it out when the checkpoint stores the model
             elsewhere and the resumed Aggregator is built from that copy).
@@ -407,8 +527,10 @@ class Aggregator:
             "version": self.version,
             "counters": {**self.counters, "rejected": dict(self.counters["rejected"])},
             "applied_keys": self.applied_keys.state_dict(),
+            "norm_history": list(self._norms),
             "contributions": [
-                [c.key.experiment, c.key.task_id, c.key.worker_id, c.key.base_version, c.staleness, c.num_samples, c.weight, c.share]
+                [c.key.experiment, c.key.task_id, c.key.worker_id, c.key.base_version, c.staleness, c.num_samples, c.weight, c.share,
+                 c.norm]
                 for c in self._contributions
             ],
             "buffer": (
@@ -424,6 +546,7 @@ class Aggregator:
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore a ``state_dict``. The model entries (if saved) are copied into the existing tensors in place.
+        The norm history keeps its newest ``norm_bound_window`` entries (this object's config).
 
         The config is this object's own (a resumed run may change K or the weighting); the saved config is
         kept in the state only for inspection. Raises ValueError when names or shapes do not match.
@@ -449,9 +572,13 @@ class Aggregator:
         counters = state["counters"]
         self.counters = {**_new_counters(), **counters, "rejected": dict(counters.get("rejected", {}))}
         self.applied_keys.load_state_dict(state["applied_keys"])
+        # A state saved before the norm history existed has none (and 8-field contributions): the bound
+        # starts over from the model's norm, as on a fresh run.
+        self._norms = deque((float(x) for x in state.get("norm_history", ())), maxlen=self.config.norm_bound_window)
         self._contributions = [
-            _Contribution(UpdateKey(str(e), str(t), str(w), int(v)), int(s), int(n), float(wt), float(sh))
-            for e, t, w, v, s, n, wt, sh in state["contributions"]
+            _Contribution(UpdateKey(str(row[0]), str(row[1]), str(row[2]), int(row[3])), int(row[4]), int(row[5]),
+                          float(row[6]), float(row[7]), float(row[8]) if len(row) > 8 else 0.0)
+            for row in state["contributions"]
         ]
         if buffer:
             target = self._ensure_buffer()
@@ -462,6 +589,38 @@ class Aggregator:
                 b.zero_()
 
     # -- internals ----------------------------------------------------------------------------------------
+
+    def _check_step(self, mean: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
+        """(reason, detail) when the step along ``mean`` must be refused, else None. Changes nothing."""
+        for name, b in mean.items():
+            if not bool(torch.isfinite(b).all()):
+                return "mean_not_finite", f"the mean delta of {name!r} is not finite"
+        return self.optimizer.check_step(mean)
+
+    def _refuse(self, reason: str, detail: str) -> RefusedStep:
+        """Empty the buffer without applying it (see `aggregate`)."""
+        contributions = self._contributions
+        refused = RefusedStep(
+            version=self.version,
+            staleness=tuple(c.staleness for c in contributions),
+            worker_ids=tuple(c.key.worker_id for c in contributions),
+            task_ids=tuple(c.key.task_id for c in contributions),
+            num_samples=tuple(c.num_samples for c in contributions),
+            reason=reason,
+            detail=detail,
+        )
+        self._contributions = []
+        if self._buffer is not None:
+            for b in self._buffer.values():
+                b.zero_()
+        # The buffered updates were the last ones accepted, so their norms are the newest in the history
+        # (unless the window was smaller than the buffer): take them out, the bound never learns from them.
+        for _ in range(min(sum(_enters_history(c.norm) for c in contributions), len(self._norms))):
+            self._norms.pop()
+        self.counters["step_refused"] += len(contributions)
+        log.warning("step_refused", version=self.version, updates=len(contributions), reason=reason, detail=detail,
+                    workers=list(refused.worker_ids), tasks=list(refused.task_ids))
+        return refused
 
     @staticmethod
     def _check_tensor(name: str, value: object, param: torch.Tensor) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from common.errors import MqfedError
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("run_dir")
     args = p.parse_args(argv)
     configure()
+    if args.command in ("run", "evaluate", "demo", "export"):
+        os.umask(0o077)  # run directories, checkpoints and exports: the owner's only (docs/security.md)
     try:
         if args.command == "run":
             return cmd_run(args)

@@ -15,13 +15,21 @@ slowest worker, which is the point of comparing it with FedBuff.
 
 Every task has a deadline (`deadline_s` after issue). An expired task is forgotten here; if its update
 still arrives later, the aggregator judges it by staleness like any other.
+
+Task ids are signed: `t<n>-v<version issued at>-<HMAC-SHA256(secret, n, version), 16 hex>`, so `check`
+knows, without remembering every task, whether this run issued a task id (a forged one is refused) and the
+version it was issued at; it remembers the tasks answered (an accepted update) until they are too old to
+matter, so each task is answered once (docs/security.md).
 """
 from __future__ import annotations
 
 import dataclasses
-import uuid
+import hashlib
+import hmac
+import re
 
 MODES = ("async", "sync")
+_TASK_ID = re.compile(r"^t(\d{1,12})-v(\d{1,12})-([0-9a-f]{16})$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +49,11 @@ class Dispatcher:
     """Decides which train tasks to issue (see the module doc).
 
     mode: `async` or `sync`. concurrency: tasks outstanding at once (>= 1). deadline_s: task lifetime (> 0).
+    secret: the key task ids are signed with (the run's; tasks of another secret are not this run's).
     """
 
-    def __init__(self, mode: str = "async", concurrency: int = 4, deadline_s: float = 600.0) -> None:
+    def __init__(self, mode: str = "async", concurrency: int = 4, deadline_s: float = 600.0,
+                 secret: bytes = b"") -> None:
         if mode not in MODES:
             raise ValueError(f"dispatch mode {mode!r} unknown; known: {', '.join(MODES)}")
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
@@ -55,10 +65,37 @@ class Dispatcher:
         self.issued = 0
         self.expired = 0
         self._round_started: int | None = None  # sync: the version whose round has been issued
+        self.secret = secret
+        self.answered: dict[str, int] = {}  # task id -> version it was issued at, for tasks with an accepted update
+
+    def _sign(self, n: int, version: int) -> str:
+        return hmac.new(self.secret, f"{n}:{version}".encode(), hashlib.sha256).hexdigest()[:16]
+
+    def task_id(self, n: int, version: int) -> str:
+        """The id of the `n`-th task issued, at `version` (signed; see the module doc)."""
+        return f"t{n:06d}-v{version}-{self._sign(n, version)}"
+
+    def check(self, task_id: str, version: int, max_staleness: int | None) -> str | None:
+        """Why an update for `task_id` cannot be taken now (None: it can): `forged` (not a task this run
+        issued), `answered` (an update for it was accepted already), `stale` (issued more than
+        `max_staleness` versions before `version`)."""
+        found = _TASK_ID.match(task_id) if isinstance(task_id, str) else None
+        if found is None or not hmac.compare_digest(found[3], self._sign(int(found[1]), int(found[2]))):
+            return "forged"
+        if task_id in self.answered:
+            return "answered"
+        if max_staleness is not None and int(found[2]) < version - max_staleness:
+            return "stale"
+        return None
+
+    def forget_answered(self, version: int, max_staleness: int | None) -> None:
+        """Forget answered tasks `check` would call stale anyway (bounds memory)."""
+        if max_staleness is not None:
+            self.answered = {t: v for t, v in self.answered.items() if v >= version - max_staleness}
 
     def _plan(self, version: int, now: float) -> PlannedTask:
         self.issued += 1
-        task = PlannedTask(f"t{self.issued:06d}-{uuid.uuid4().hex[:8]}", version, now + self.deadline_s)
+        task = PlannedTask(self.task_id(self.issued, version), version, now + self.deadline_s)
         self.outstanding[task.task_id] = _Outstanding(version, task.deadline_unix)
         return task
 
@@ -75,7 +112,11 @@ class Dispatcher:
     def finished(self, task_id: str, accepted: bool, version: int) -> None:
         """An update for `task_id` arrived. In sync mode an accepted update keeps its round slot filled
         until the version changes, so the round issues no replacement for it; a later report for the same
-        task (a redelivered duplicate, reported as not accepted) changes nothing."""
+        task (a redelivered duplicate, reported as not accepted) changes nothing. An accepted update marks its
+        task answered (see `check`)."""
+        if accepted:
+            found = _TASK_ID.match(task_id)
+            self.answered[task_id] = int(found[2]) if found else version
         if task_id not in self.outstanding:
             return
         if self.outstanding[task_id].deadline_unix == float("inf"):
@@ -84,6 +125,12 @@ class Dispatcher:
             self.outstanding[task_id].deadline_unix = float("inf")  # done: holds its slot for the round
             return
         del self.outstanding[task_id]
+
+    def release(self, task_ids) -> None:
+        """Free the slots of tasks whose updates were consumed without making a version (a refused step), so
+        that replacements are issued (a sync round would otherwise wait for ever)."""
+        for task_id in task_ids:
+            self.outstanding.pop(task_id, None)
 
     def expire(self, now: float) -> list[str]:
         """Forget tasks whose deadline passed; returns their ids (the caller logs them)."""
@@ -97,11 +144,13 @@ class Dispatcher:
         return {
             "mode": self.mode, "issued": self.issued, "expired": self.expired, "round": self._round_started,
             "outstanding": {t: [o.version, o.deadline_unix] for t, o in self.outstanding.items()},
+            "answered": dict(self.answered),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.issued, self.expired = int(state["issued"]), int(state["expired"])
         self._round_started = state.get("round") if state.get("mode") == self.mode else None
         self.outstanding = {t: _Outstanding(int(v), float(d)) for t, (v, d) in state["outstanding"].items()}
+        self.answered = {t: int(v) for t, v in state.get("answered", {}).items()}
         if self.mode == "async":  # a sync round's done slots (infinite deadline) would never be freed here
             self.outstanding = {t: o for t, o in self.outstanding.items() if o.deadline_unix != float("inf")}

@@ -25,10 +25,11 @@ from common.transport.model_store import ModelNotFound, ModelStore
 from common.transport.publish import publish_message
 from common.wire import messages
 from common.wire.tensors import decode_state
+from coordinator.events import EVALUATOR
 from coordinator.experiment import ExperimentConfig
 
 log = get_logger(__name__)
-SOURCE = "evaluator"  # Metrics.source of central evaluations
+SOURCE = EVALUATOR  # Metrics.source of central evaluations
 
 
 def load_clips(cfg: ExperimentConfig, split_name: str, max_clips: int = 0) -> Clips:

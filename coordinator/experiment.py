@@ -83,6 +83,9 @@ class FedBuffSection:
     staleness_b: float = _FEDBUFF.staleness_b
     sample_weighting: bool = _FEDBUFF.sample_weighting
     max_update_norm: float | None = _FEDBUFF.max_update_norm
+    norm_bound_factor: float | None = _FEDBUFF.norm_bound_factor
+    norm_bound_window: int = _FEDBUFF.norm_bound_window
+    norm_bound_initial: float | None = _FEDBUFF.norm_bound_initial
 
     def __post_init__(self) -> None:
         validate(self, "fedbuff")
@@ -90,8 +93,10 @@ class FedBuffSection:
 
     def aggregator_config(self, experiment: str | None = None) -> AggregatorConfig:
         if self.mode == "sync":
-            return AggregatorConfig.synchronous(self.concurrency, sample_weighting=self.sample_weighting,
-                                                max_update_norm=self.max_update_norm, experiment=experiment)
+            return AggregatorConfig.synchronous(
+                self.concurrency, sample_weighting=self.sample_weighting, max_update_norm=self.max_update_norm,
+                norm_bound_factor=self.norm_bound_factor, norm_bound_window=self.norm_bound_window,
+                norm_bound_initial=self.norm_bound_initial, experiment=experiment)
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(AggregatorConfig) if hasattr(self, f.name)}
         return AggregatorConfig(**{**fields, "experiment": experiment})
 

@@ -35,9 +35,14 @@ class LocalFederation:
     workers: one dict per worker with `shard` and optional `node`, `slowdown`, `delay_s`, `devices`, `env`
     (extra environment, e.g. `MQFED_FAILPOINTS` for a fault test).
     env: extra environment for every process (e.g. `AMQP_URL` of another broker); per-process env wins.
+    least_privilege: run every process as the experiment's generated broker users (one per worker node, the
+      coordinator's for the coordinator and the evaluator), made at `start` through the management API
+      (broker/admin.py: `MQFED_MANAGEMENT_URL` in `env` or the environment) and deleted by `stop`; else as
+      AMQP_URL's user.
     """
 
-    def __init__(self, cfg, data: str | os.PathLike, workers: list[dict], env: dict[str, str] | None = None) -> None:
+    def __init__(self, cfg, data: str | os.PathLike, workers: list[dict], env: dict[str, str] | None = None,
+                 least_privilege: bool = False) -> None:
         self.cfg = cfg
         self.name = cfg.experiment.name
         self.run_dir = Path(cfg.experiment.run_path)
@@ -51,6 +56,34 @@ class LocalFederation:
         self.evaluator: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
         self.processes: list[subprocess.Popen] = []  # everything started, replaced workers and replicas included
+        self.least_privilege = least_privilege
+        self.urls: dict[str, str] = {}  # "coordinator" or a worker node -> its AMQP_URL (least_privilege)
+
+    def _url(self, who: str) -> dict[str, str]:
+        """AMQP_URL for `who` (the coordinator or a worker node): its own broker user, made on first use."""
+        if not self.least_privilege:
+            return {}
+        if who not in self.urls:
+            from broker import admin, definitions, topology
+
+            topo, base = topology.Topology(self.name), self.env.get("AMQP_URL")
+            api = admin.Management(self.env.get("MQFED_MANAGEMENT_URL"), amqp=self.env.get("AMQP_URL"))
+            if who == "coordinator":
+                user, password = definitions.coordinator_user(topo), admin.add_coordinator(api, topo)
+            else:
+                user, password = definitions.worker_user(topo, who), admin.add_worker(api, topo, who)
+            self.urls[who] = admin.user_url(user, password, base)
+        return {"AMQP_URL": self.urls[who]}
+
+    def remove_users(self) -> None:
+        """Delete the broker users `least_privilege` made (their connections are closed)."""
+        from broker import admin, definitions, topology
+
+        topo, api = topology.Topology(self.name), admin.Management(self.env.get("MQFED_MANAGEMENT_URL"), amqp=self.env.get("AMQP_URL"))
+        for who in list(self.urls):
+            api.delete_user(definitions.coordinator_user(topo) if who == "coordinator"
+                            else definitions.worker_user(topo, who))
+            del self.urls[who]
 
     def _spawn(self, argv: list[str], log_name: str, **env: str) -> subprocess.Popen:
         log = open(self.run_dir / log_name, "ab")
@@ -61,12 +94,12 @@ class LocalFederation:
 
     def start_coordinator(self, *extra: str, env: dict | None = None, log_name: str = "coordinator.log") -> subprocess.Popen:
         self.coordinator = self._spawn(["coordinator.cli", "run", "--config", str(self.config_path), *extra],
-                                       log_name, **(env or {}))
+                                       log_name, **{**self._url("coordinator"), **(env or {})})
         return self.coordinator
 
     def start_evaluator(self, env: dict | None = None) -> subprocess.Popen:
         self.evaluator = self._spawn(["coordinator.cli", "evaluate", "--config", str(self.config_path)],
-                                     "evaluator.log", **(env or {}))
+                                     "evaluator.log", **{**self._url("coordinator"), **(env or {})})
         return self.evaluator
 
     def start_worker(self, node: str) -> subprocess.Popen:
@@ -77,7 +110,7 @@ class LocalFederation:
             argv += ["--devices", spec["devices"]]
         env = {"MQFED_WORKER_CACHE_DIR": str(self.run_dir / "cache" / node),
                "MQFED_WORKER_SLOWDOWN": str(spec.get("slowdown", 1.0)),
-               "MQFED_WORKER_DELAY_S": str(spec.get("delay_s", 0.0)), **spec.get("env", {})}
+               "MQFED_WORKER_DELAY_S": str(spec.get("delay_s", 0.0)), **self._url(node), **spec.get("env", {})}
         self.workers[node] = self._spawn(argv, f"worker-{node}.log", **env)
         return self.workers[node]
 
@@ -146,10 +179,13 @@ class LocalFederation:
         return codes
 
     def stop(self) -> None:
-        """SIGTERM the workers, then the coordinators (whatever of what it started still runs); idempotent."""
+        """SIGTERM the workers, then the coordinators (whatever of what it started still runs), then delete the
+        broker users made for them; idempotent."""
         workers = [p for p in self.processes if p.args[2] == "worker.cli"]  # args: python -m <module> ...
         self.signal(workers)
         self.signal([p for p in self.processes if p not in workers])
+        if self.urls:
+            self.remove_users()
 
     def __enter__(self) -> "LocalFederation":
         return self

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from broker import topology
+from broker import definitions, topology
 from common.compression import codecs
 from common.errors import MqfedError
 from common.failpoints import failpoint
@@ -38,8 +38,8 @@ from common.wire.tensors import write_state
 from coordinator import checkpoint
 from coordinator.aggregator import AggregationRecord, Aggregator, ClientUpdate, UpdateKey, UpdateRejected
 from coordinator.dispatch import Dispatcher
-from coordinator.evaluator import SOURCE as EVALUATOR
 from coordinator.evaluator import export_best, exported, load_clips
+from coordinator.events import EventBook
 from coordinator.experiment import ExperimentConfig
 from coordinator.record import RunRecord
 from coordinator.wal import WriteAheadLog
@@ -61,6 +61,7 @@ class Coordinator:
         self.topo = topology.Topology(self.name, model_retention_bytes=cfg.experiment.model_retention_bytes)
         self.run_dir = Path(cfg.experiment.run_path)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.chmod(0o700)  # checkpoints, the log and the run secret: the owner's only
         self.ckpt_path = self.run_dir / "checkpoint.pt"
         self.export_dir = self.run_dir / "export"
         self.record = RunRecord(self.run_dir / "record.jsonl")
@@ -91,15 +92,17 @@ class Coordinator:
                     self.state[name].copy_(t)
             self._model_is_initial = True
         self.aggregator = Aggregator(self.state, cfg.fedbuff.aggregator_config(self.name), cfg.server_optimizer)
-        self.dispatcher = Dispatcher(cfg.fedbuff.mode, cfg.fedbuff.concurrency, cfg.tasks.deadline_s)
+        self.dispatcher = Dispatcher(cfg.fedbuff.mode, cfg.fedbuff.concurrency, cfg.tasks.deadline_s,
+                                     secret=self._run_secret())
         self.elapsed_before = 0.0
         self.best = {"accuracy": -1.0, "version": -1}
         self.last_eval: dict | None = None
         self.wal_seq = 0  # the last logged update the in-memory state holds
         self._ckpt_at = (0, time.monotonic())  # (version, time) of the last checkpoint
         self.window = {"wire": 0, "raw": 0}
-        self.counters = {"dead_lettered": 0, "stale_dropped": 0, "codec_errors": 0, "tasks_expired": 0}
-        self.workers: dict[str, dict] = {}
+        self.counters = {"dead_lettered": 0, "stale_dropped": 0, "codec_errors": 0, "tasks_expired": 0,
+                         "answered_dropped": 0}
+        self.events = EventBook(self.topo)
 
     def _checkpoint_state(self) -> dict:
         return {
@@ -111,7 +114,7 @@ class Coordinator:
             "elapsed_s": self.elapsed(),
             "best": dict(self.best),
             "counters": dict(self.counters),
-            "workers": json.dumps(self.workers),
+            "workers": json.dumps(self.events.workers),
             "wal_seq": self.wal_seq,
         }
 
@@ -144,7 +147,7 @@ class Coordinator:
         self.elapsed_before = float(state["elapsed_s"])
         self.best = dict(state["best"])
         self.counters.update(state["counters"])
-        self.workers = json.loads(state["workers"])
+        self.events.workers = json.loads(state["workers"])
         self.wal_seq = int(state["wal_seq"])
 
     def elapsed(self) -> float:
@@ -205,7 +208,7 @@ class Coordinator:
             topology.delete(conn.channel(), self.topo)
         finally:
             conn.close()
-        for path in (self.ckpt_path, self.record.path, self.run_dir / "run-id"):
+        for path in (self.ckpt_path, self.record.path, self.run_dir / "run-id", self.run_dir / "run-secret"):
             path.unlink(missing_ok=True)
         for directory in (self.wal.dir, self.spool_dir):
             shutil.rmtree(directory, ignore_errors=True)
@@ -222,6 +225,20 @@ class Coordinator:
             tmp.write_text(uuid.uuid4().hex[:16])
             os.replace(tmp, path)
         return path.read_text().strip()
+
+    def _run_secret(self) -> bytes:
+        """The key this run signs its task ids with (`<run_dir>/run-secret`, the owner's only; --fresh makes a
+        new one)."""
+        path = self.run_dir / "run-secret"
+        if not path.exists():
+            tmp = path.with_name(f".run-secret.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        return path.read_bytes()
 
     def _session(self, conn) -> dict:
         """One broker connection's worth of work; resumes from the checkpoint and the log first."""
@@ -241,7 +258,8 @@ class Coordinator:
         if latest is None or latest.version < self.version:
             self._publish_model()
         events = conn.channel()
-        q = events.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        q = events.queue_declare(self.topo.listener_queue("coordinator"), exclusive=True, auto_delete=True,
+                                 arguments={"x-max-length": 10_000}).method.queue
         for key in ("registration.#", "heartbeat.#", "metrics.#"):
             events.queue_bind(q, self.topo.events, routing_key=key)
         events.basic_consume(q, self._on_event, auto_ack=True)
@@ -319,7 +337,8 @@ class Coordinator:
             "max_unserved_s": round(self.consumer.stats.max_unserved_s, 3) if hasattr(self, "consumer") else None,
             "counters": {**self.aggregator.counters, **self.counters, "issued": self.dispatcher.issued,
                          "dead_letters_by_error": dict(self.consumer.stats.rejected) if hasattr(self, "consumer") else {}},
-            "workers": sorted(self.workers),
+            "workers": sorted(self.events.workers),
+            "events_dropped": dict(self.events.dropped),
         }
 
     # -- messages ----------------------------------------------------------------------------------------
@@ -329,45 +348,61 @@ class Coordinator:
                 experiment=self.name, run_id=self.run_id, task_id=planned.task_id, min_version=planned.min_version,
                 deadline_unix=planned.deadline_unix, codec=self.cfg.tasks.codec, model=self.cfg.model.name,
                 freeze_feature_encoder=self.cfg.model.freeze_feature_encoder, local=self.cfg.local)
-            publish_message(self.pub, self.topo.work_exchange, self.topo.TASKS_KEY, task, message_id=planned.task_id,
+            publish_message(self.pub, self.topo.task_exchange, self.topo.TASKS_KEY, task, message_id=planned.task_id,
                             expiration=str(int(self.cfg.tasks.deadline_s * 1000)))
 
     def _on_event(self, _ch, method, props, body) -> None:
-        try:
-            msg = messages.decode(body)
-        except messages.MessageError as exc:
-            log.warning("event_invalid", routing_key=method.routing_key, error=str(exc))
+        """One event, admitted by the event book (bounded, checked against the broker-validated sender)."""
+        dropped = sum(self.events.dropped.values())
+        got = self.events.admit(body, getattr(props, "user_id", None), self.version, time.time())
+        if got is None:
+            total = sum(self.events.dropped.values())
+            if total > dropped and total & (total - 1) == 0:  # 1, 2, 4, 8...: a flood does not flood the log
+                log.warning("events_dropped", total=total, by_reason=dict(self.events.dropped),
+                            routing_key=method.routing_key[:128], user=str(getattr(props, "user_id", None))[:128])
             return
-        if getattr(msg, "experiment", None) != self.name:
-            return
-        if isinstance(msg, messages.Registration):
-            self.workers[msg.node] = {"devices": msg.devices, "shard": msg.shard, "shard_size": msg.shard_size,
-                                      "last_seen": time.time()}
-            log.info("worker_registered", node=msg.node, devices=msg.devices, shard=msg.shard, shard_size=msg.shard_size)
-        elif isinstance(msg, messages.Heartbeat):
-            self.workers.setdefault(msg.node, {})["last_seen"] = time.time()
-        elif isinstance(msg, messages.Metrics) and msg.source == EVALUATOR and {"accuracy", "loss"} <= set(msg.values):
-            accuracy, loss = msg.values["accuracy"], msg.values["loss"]
-            if not (0.0 <= accuracy <= 1.0 and math.isfinite(loss) and 0 <= msg.version <= self.version):
-                log.warning("event_invalid", routing_key=method.routing_key,
-                            error=f"evaluation of version {msg.version}: accuracy {accuracy}, loss {loss}")
-                return
-            self._evaluated(msg.version, accuracy, loss)
-        elif isinstance(msg, messages.Metrics) and "val_accuracy" in msg.values:
-            self.record.append({"kind": "federated_eval", "version": msg.version, "worker": msg.source,
-                                "time_s": round(self.elapsed(), 2), **msg.values})
-            log.info("federated_eval", worker=msg.source, version=msg.version, **msg.values)
+        if got.kind == "registration":
+            w = self.events.workers[got.node]
+            log.info("worker_registered", node=got.node, devices=w["devices"], shard=w["shard"],
+                     shard_size=w["shard_size"])
+        elif got.kind == "central_eval":
+            self._evaluated(got.version, got.values["accuracy"], got.values["loss"])
+        elif got.kind == "federated_eval":
+            self.record.append({"kind": "federated_eval", "version": got.version, "worker": got.node,
+                                "time_s": round(self.elapsed(), 2), **got.values})
+            log.info("federated_eval", worker=got.node, version=got.version, **got.values)
 
     def _on_update(self, delivery: Delivery) -> Outcome:
         msg = delivery.message
         if not isinstance(msg, messages.Update):
             raise messages.InvalidField(f"{messages.type_tag(msg)} message on the updates queue")
+        self._check_sender(msg, delivery.properties)
         if self.aggregator.seen(UpdateKey(msg.experiment, msg.task_id, msg.worker_id, msg.base_version)):
             self.dispatcher.finished(msg.task_id, False, self.version)
             return Outcome.ACK  # applied already (a redelivery): its payload is not needed
+        why = self.dispatcher.check(msg.task_id, self.version, self.aggregator.config.max_staleness)
+        if why == "forged":
+            raise messages.InvalidField(f"update from {msg.worker_id}: task {msg.task_id[:64]!r} was not issued by"
+                                        f" this run")
+        if why is not None:  # answered already by another update, or issued too long ago: dropped, counted
+            self.counters["stale_dropped" if why == "stale" else "answered_dropped"] += 1
+            log.warning("update_rejected", reason=why, task_id=msg.task_id, worker_id=msg.worker_id,
+                        base_version=msg.base_version)
+            return Outcome.ACK
         if msg.payload.transfer_id is not None and delivery.payload is None:
             raise messages.InvalidField(f"payload transfer {msg.payload.transfer_id} not received (or incomplete)")
         return self._apply(msg, delivery.payload if delivery.payload is not None else msg.payload.inline)
+
+    def _check_sender(self, msg: messages.Update, props) -> None:
+        """The update's worker must be the user the broker vouches for (its `user_id`): a worker node's user
+        speaks only for that node; raises InvalidField (dead-lettered) otherwise."""
+        who = definitions.sender_of(self.topo, getattr(props, "user_id", None))
+        if who is None:
+            raise messages.InvalidField(f"update {msg.task_id[:64]} has no user_id property: the broker cannot"
+                                        f" vouch for its sender")
+        if who.role == "worker" and msg.worker_id.split("/", 1)[0] != who.node:
+            raise messages.InvalidField(f"update {msg.task_id[:64]} claims worker {msg.worker_id[:128]!r}, but the"
+                                        f" broker vouches for user {who.user}")
 
     def _apply(self, msg: messages.Update, payload: bytes | CompletedTransfer, replayed: int = 0) -> Outcome:
         """Decode, validate and buffer one update; log it (unless `replayed`, its log sequence number) before
@@ -386,7 +421,10 @@ class Coordinator:
             self.counters["dead_lettered"] += 1
             self.dispatcher.finished(msg.task_id, False, version)
             raise messages.InvalidField(f"update {msg.task_id} from {msg.worker_id}: payload: {exc}") from None
-        update = ClientUpdate(msg.experiment, msg.task_id, msg.worker_id, msg.base_version, msg.num_samples, delta)
+        # Replayed updates passed every check live; the log holds what was accepted (a new config must not
+        # reject them now).
+        update = ClientUpdate(msg.experiment, msg.task_id, msg.worker_id, msg.base_version, msg.num_samples, delta,
+                              max_samples=None if replayed else self._max_samples(msg))
         t1 = time.monotonic()
         if self.aggregator.buffered + 1 >= self.aggregator.config.buffer_size:
             self._join_writer()  # this update may step the model, which the checkpoint being written reads
@@ -419,7 +457,30 @@ class Coordinator:
         self.window["raw"] += msg.raw_bytes
         if result.record is not None:
             self._new_version(result.record, replaying=bool(replayed))
+        elif result.refused is not None:
+            self._step_refused(result.refused, self.wal_seq)
         return Outcome.ACK
+
+    def _max_samples(self, msg: messages.Update) -> int | None:
+        """The most samples a task of this run asks for: steps x batch, or for an epochs task the sender
+        node's registered shard size (None while the node is not registered)."""
+        local = self.cfg.local
+        if local.steps:
+            return local.steps * local.batch_size
+        shard = self.events.workers.get(msg.worker_id.split("/", 1)[0], {}).get("shard_size")
+        return local.total_steps(shard) * local.batch_size if isinstance(shard, int) and shard > 0 else None
+
+    def _step_refused(self, refused, wal_seq: int) -> None:
+        """A buffered step that was not finite: nothing applied (aggregator). Record it once (a replay finds
+        the line of the live run), free its tasks' slots, start the next version's byte count afresh."""
+        self.dispatcher.release(refused.task_ids)
+        self.window = {"wire": 0, "raw": 0}
+        if any(e.get("kind") == "step_refused" and e.get("wal_seq") == wal_seq for e in self.record.lines()):
+            return
+        self.record.append({"kind": "step_refused", "version": refused.version, "wal_seq": wal_seq,
+                            "time_s": round(self.elapsed(), 2), "tasks": list(refused.task_ids),
+                            "workers": list(refused.worker_ids), "reason": refused.reason,
+                            "detail": refused.detail[:500]})
 
     # -- versions ----------------------------------------------------------------------------------------
     def _evaluate(self) -> None:
@@ -455,6 +516,7 @@ class Coordinator:
         in its own process). A version rebuilt from the log at resume is only recorded: its model was
         published, or the newest is at start."""
         self._model_is_initial = False
+        self.dispatcher.forget_answered(self.version, self.aggregator.config.max_staleness)
         entry = {"version": record.version, "time_s": round(self.elapsed(), 2), "accuracy": None, "loss": None,
                  "staleness": list(record.staleness), "workers": list(record.worker_ids),
                  "tasks": list(record.task_ids), "updates": len(record.worker_ids),
@@ -513,11 +575,12 @@ class Coordinator:
 
     def _issue_evaluations(self) -> None:
         """One evaluate task per registered trainer (they answer with metrics on the events exchange)."""
-        trainers = sum(len(w.get("devices", [])) for w in self.workers.values()) or 1
+        trainers = sum(len(w.get("devices", [])) for w in self.events.workers.values()) or 1
+        self.events.expect_evaluations(self.version, trainers)
         for i in range(trainers):
             task = messages.EvaluateTask(self.name, f"eval-v{self.version}-{i}", self.version, "validation",
                                          time.time() + self.cfg.tasks.deadline_s)
-            publish_message(self.pub, self.topo.work_exchange, self.topo.TASKS_KEY, task, message_id=task.task_id,
+            publish_message(self.pub, self.topo.task_exchange, self.topo.TASKS_KEY, task, message_id=task.task_id,
                             expiration=str(int(self.cfg.tasks.deadline_s * 1000)))
 
 

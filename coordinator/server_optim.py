@@ -15,6 +15,8 @@ with it the first step moves every coordinate by ``lr * d / (|d| + eps)``, i.e. 
 
 The optimizer updates the tensors it is given *in place* (under ``torch.no_grad``); they must be
 floating-point leaf tensors. The choice is a plain dict from name to factory, ``SERVER_OPTIMIZERS``.
+``check_step`` is a dry run of ``step``: the same torch code on a copy of one parameter and its state at a
+time, to learn whether the step would leave anything non-finite before the real one changes anything.
 """
 from __future__ import annotations
 
@@ -108,12 +110,7 @@ class ServerOptimizer:
         in_place: use the delta tensors themselves as the (negated) gradients where dtype and device allow,
             instead of a model-sized copy; they hold ``delta`` again when this returns or raises.
         """
-        for name, p in zip(self._names, self._params):
-            if name not in delta:
-                raise KeyError(f"server step: no delta for parameter {name!r}")
-            d = delta[name]
-            if tuple(d.shape) != tuple(p.shape):
-                raise ValueError(f"server step: delta {name!r} has shape {tuple(d.shape)}, expected {tuple(p.shape)}")
+        self._check_delta(delta)
         borrowed = []
         for name, p in zip(self._names, self._params):
             d = delta[name].detach()
@@ -129,6 +126,42 @@ class ServerOptimizer:
                 p.grad = None
             for d in borrowed:
                 d.neg_()
+
+    def check_step(self, delta: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
+        """Would ``step(delta)`` leave a non-finite parameter or optimizer state? Changes nothing.
+
+        A dry run: for one parameter at a time, a fresh optimizer of the same kind and settings steps a copy
+        of it (and a copy of its state) along its delta, by the same torch code as ``step``, and the results
+        are checked. Returns None when all would be finite, else ``("param_not_finite" |
+        "state_not_finite", detail)`` for the first that would not. Memory: one parameter, its state and its
+        gradient at a time, never a model-sized copy. Raises like ``step`` on a missing name or a shape.
+        """
+        self._check_delta(delta)
+        hyper = {k: v for k, v in self._optimizer.param_groups[0].items() if k != "params"}
+        for name, p in zip(self._names, self._params):
+            scratch = p.detach().clone()
+            dry = SERVER_OPTIMIZERS[self.config.name]([scratch], self.config)
+            dry.param_groups[0].update(hyper)  # the settings in force (the learning rate, for one)
+            state = self._optimizer.state.get(p)
+            if state:
+                dry.state[scratch] = {k: v.detach().clone() if isinstance(v, torch.Tensor) else _copy.deepcopy(v)
+                                      for k, v in state.items()}
+            scratch.grad = delta[name].detach().to(device=p.device, dtype=p.dtype).neg()
+            dry.step()
+            if not bool(torch.isfinite(scratch).all()):
+                return "param_not_finite", f"parameter {name!r} would not be finite after the step"
+            for key, value in dry.state[scratch].items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    return "state_not_finite", f"optimizer state {key!r} of {name!r} would not be finite after the step"
+        return None
+
+    def _check_delta(self, delta: Mapping[str, torch.Tensor]) -> None:
+        for name, p in zip(self._names, self._params):
+            if name not in delta:
+                raise KeyError(f"server step: no delta for parameter {name!r}")
+            d = delta[name]
+            if tuple(d.shape) != tuple(p.shape):
+                raise ValueError(f"server step: delta {name!r} has shape {tuple(d.shape)}, expected {tuple(p.shape)}")
 
     def state_dict(self, copy: bool = True) -> dict:
         """The optimizer state: config name, names, torch state; a deep copy (safe to keep while stepping on)

@@ -11,6 +11,7 @@ Every `data` command writes a `datasets.DatasetDict` that `datasets.load_from_di
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from common.errors import MqfedError
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             return _data(args)
         from worker import daemon
 
+        os.umask(0o077)  # model cache and error-feedback residuals: the owner's only (docs/security.md)
         return daemon.main(args)
     except MqfedError as exc:
         command = f"data {args.data_command}" if args.command == "data" else args.command

@@ -4,6 +4,11 @@ A trainer registers and heartbeats, follows the model index, and takes one task 
 trains from the newest model it can get, publishes the compressed delta under confirms and acknowledges
 the task only then; on SIGTERM it returns the task to the queue. Nothing is lost when it dies at any
 point: the broker hands the task to another trainer. docs/federation.md#one-update-end-to-end.
+
+No task can take a trainer down: a task it cannot run (unknown model, a model version that does not fit
+the model named, options that fail, any exception in training) is dead-lettered and the trainer takes the
+next one; a task whose deadline passes while it runs is stopped there and acknowledged unanswered
+(`Trainer._on_task` lists every outcome; docs/federation.md#tasks-that-fail-or-expire).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import time
 import zlib
 from pathlib import Path
 
+import pika.exceptions
 import torch
 
 from broker import topology
@@ -26,10 +32,10 @@ from common.data.dataset import DataError, to_arrays
 from common.data.shards import ShardSpec, select_shard
 from common.errors import MqfedError
 from common.failpoints import failpoint
-from common.learning.model import ModelSpec, build_model
+from common.learning.model import ModelLoadError, ModelSpec, build_model
 from common.learning.training import Clips, evaluate, train
 from common.logs import configure, get_logger
-from common.transport.connection import run_forever, serve_while
+from common.transport.connection import RETRYABLE, run_forever, serve_while
 from common.transport.consumer import Delivery, MessageConsumer, Outcome
 from common.transport.model_store import ModelNotFound, ModelStore, default_cache_dir
 from common.transport.publish import publish_message, publish_payload
@@ -42,6 +48,29 @@ log = get_logger(__name__)
 
 class TaskAborted(MqfedError):
     """Training stopped because the daemon is shutting down."""
+
+
+class TaskExpired(MqfedError):
+    """The task's deadline passed while it ran (`stage`: fetching, training, straggling, publishing,
+    evaluating; at `step` of `total`, None where unknown): the coordinator has forgotten it and issued
+    another, so it is acknowledged without an answer."""
+
+    def __init__(self, task, stage: str, step: int = 0, total: int | None = None) -> None:
+        self.stage, self.step, self.total = stage, step, total
+        self.late_s = time.time() - task.deadline_unix
+        super().__init__(f"task {task.task_id} passed its deadline {self.late_s:.1f} s ago while {stage}"
+                         f" (step {step}/{total if total is not None else '?'})")
+
+
+def check_deadline(task, stage: str, step: int = 0, total: int | None = None) -> None:
+    """Raise TaskExpired when `task`'s deadline has passed (this machine's clock against the coordinator's)."""
+    if time.time() > task.deadline_unix:
+        raise TaskExpired(task, stage, step, total)
+
+
+# Errors of the connection, not of the task: never dead-letter for them. They propagate: `run_forever`
+# reconnects (RETRYABLE) and the unacknowledged task comes back through the broker.
+_BROKER_ERRORS = RETRYABLE + (pika.exceptions.AMQPError,)
 
 
 def load_shards(data: str, shard: str) -> tuple[Clips, Clips | None]:
@@ -127,9 +156,30 @@ class Trainer:
 
     # -- tasks ---------------------------------------------------------------------------------------------
     def _on_task(self, delivery: Delivery) -> Outcome:
-        """Run one task. Not ours or undecodable: dead-lettered (MessageError). Expired: acked unrun. Cut short
-        by a stop: requeued. A task that cannot be done here (MqfedError: bad settings for this model, no
-        model, diverged training): dead-lettered with its reason, and the trainer lives on."""
+        """Run one task and say how its delivery is settled; whatever the task, the trainer lives on.
+
+        - Not a task of this experiment, or undecodable: dead-lettered (MessageError, logged by the consumer).
+        - Past its deadline on arrival: acked unrun (`task_expired_on_arrival`).
+        - Its deadline passes while it runs (checked at every training step, in a straggler's sleep, at every
+          evaluation batch, after the fetch and before the answer is published): stopped there and acked
+          without an answer (`task_expired`, with the stage and the step reached). The coordinator's
+          dispatcher forgot the task at its deadline and issued a replacement: nobody expects the answer.
+        - Cut short by a stop (SIGTERM): requeued, for another trainer (`task_returned`).
+        - Cannot be run here: dead-lettered and the next task taken (`task_failed` with the error and its
+          type; with the traceback unless it is an MqfedError). That is any `Exception` the task raises: a
+          model name that is neither a preset nor loadable offline (ModelLoadError), a model version that
+          does not fit the model named (ModelLoadError: missing keys, shapes), options that fail for this
+          model, diverged training (TrainingDiverged), an unknown codec, and any other exception raised in
+          training (a RuntimeError from torch, ...). A `torch.cuda.OutOfMemoryError` is one too: the task is
+          dead-lettered (redelivered here it would fail again; the dead-letter queue keeps it to be looked
+          at). A half-loaded model is never reused (see `_load_state`).
+        - The connection lost, or a channel error (pika errors, RETRYABLE): propagates; `run_forever`
+          reconnects and the unacknowledged task comes back through the broker. KeyboardInterrupt and
+          SystemExit propagate too.
+
+        A dead-lettered task reaches `mqfed.<exp>.dead-letters` with RabbitMQ's `x-death` header (queue,
+        reason "rejected", count) and its body unchanged; a reject carries no reason of ours, so the reason
+        is in this trainer's `task_failed` line, under the task id."""
         task = delivery.message
         if not isinstance(task, (messages.TrainTask, messages.EvaluateTask)) or task.experiment != self.w.experiment:
             raise messages.InvalidField(f"not a task of experiment {self.w.experiment}: {type(task).__name__}")
@@ -145,8 +195,14 @@ class Trainer:
         except TaskAborted:
             log.info("task_returned", task_id=task.task_id, worker=self.worker_id, reason="shutting down")
             return Outcome.REQUEUE
-        except MqfedError as exc:
-            log.error("task_failed", task_id=task.task_id, worker=self.worker_id, error=f"{type(exc).__name__}: {exc}")
+        except TaskExpired as exc:
+            log.warning("task_expired", task_id=task.task_id, worker=self.worker_id, stage=exc.stage, step=exc.step,
+                        total=exc.total, late_s=round(exc.late_s, 2))
+            return Outcome.ACK
+        except _BROKER_ERRORS:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a task must not take the trainer down (see the docstring)
+            self._task_failed(task, exc)
             return Outcome.DEAD_LETTER
         finally:
             self.status = "idle"
@@ -154,17 +210,24 @@ class Trainer:
         self.tasks_done += 1
         return Outcome.ACK
 
+    def _task_failed(self, task, exc: Exception) -> None:
+        """Log why `task` is dead-lettered; after a failure on a GPU, give its cached memory back."""
+        log.error("task_failed", task_id=task.task_id, worker=self.worker_id, error=f"{type(exc).__name__}: {exc}",
+                  error_type=type(exc).__name__, exc_info=False if isinstance(exc, MqfedError) else exc)
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
     def _wait_for(self, fn, *args):
         """`fn(*args)` off this thread while the connection is served; training checks `self.abort`."""
         self.abort = threading.Event()
         return serve_while(self.conn, fn, *args, abort=self.abort, name=f"train-{self.device}")
 
     def _model_for(self, name: str, freeze_feature_encoder: bool) -> torch.nn.Module:
-        """The model architecture a task names (kept while tasks name the same); raises ModelLoadError."""
-        if self.model_key != (name, freeze_feature_encoder):
-            self.model = build_model(ModelSpec(name, freeze_feature_encoder), weights=False)
-            self.model_key = (name, freeze_feature_encoder)
-        return self.model
+        """The model architecture a task names: the trainer's model when it is that one, else a new one
+        (kept by `_load_state` once a model version loaded into it); raises ModelLoadError."""
+        if self.model is not None and self.model_key == (name, freeze_feature_encoder):
+            return self.model
+        return build_model(ModelSpec(name, freeze_feature_encoder), weights=False)
 
     def _fetch(self, min_version: int) -> tuple[int, dict[str, torch.Tensor]]:
         """The newest model version we can get, preferably >= min_version; (version, state)."""
@@ -190,9 +253,13 @@ class Trainer:
         return self.base
 
     def _train_task(self, task: messages.TrainTask) -> None:
-        model = self._model_for(task.model, task.freeze_feature_encoder)
+        """Train from the newest version, publish the delta. Raises TaskExpired when the deadline passes
+        (before anything is published), TaskAborted on a stop, anything else when the task cannot be run."""
+        key = (task.model, task.freeze_feature_encoder)
+        model = self._model_for(*key)
         version, base = self._fetch(task.min_version)
-        model.load_state_dict(base)
+        check_deadline(task, "fetching")
+        _load_state(self, model, key, version, base)
         log.info("task_started", task_id=task.task_id, worker=self.worker_id, base_version=version,
                  min_version=task.min_version)
         # Every task its own seed (batch order, augmentation), repeatable from the experiment's seed.
@@ -203,15 +270,20 @@ class Trainer:
             if self.stop_event.is_set() or self.abort.is_set():
                 raise TaskAborted()
 
-        def on_step(_step, _total, _loss):
+        progress = [0, None]  # (steps done, steps in all): how far it got, for `task_expired`
+
+        def on_step(step, total, _loss):
             failpoint("worker.during_training")
+            progress[:] = [step, total]
             check_abort()
+            check_deadline(task, "training", step, total)
 
         def work():
             result = train(model, self.train_clips, config, self.device, on_step=on_step)
             end = time.monotonic() + (self.w.slowdown - 1.0) * result.seconds + self.w.delay_s
             while time.monotonic() < end:  # a straggler (experiments): sleep, abortable
                 check_abort()
+                check_deadline(task, "straggling", *progress)
                 time.sleep(min(0.1, max(0.0, end - time.monotonic())))
             return result
 
@@ -221,7 +293,8 @@ class Trainer:
         ef = self._residual_for(task.run_id)
         pending = ef.prepare(delta, task.codec)
         encoded = pending.encoded
-        payload = publish_payload(self.pub, self.topo.work_exchange, self.topo.UPDATES_KEY, encoded.data,
+        check_deadline(task, "publishing", *progress)  # late: answer nothing (the residual stays as it was)
+        payload = publish_payload(self.pub, self.topo.update_exchange, self.topo.UPDATES_KEY, encoded.data,
                                   inline_max_bytes=self.w.inline_max_bytes, chunk_bytes=self.w.chunk_bytes,
                                   after_chunk=lambda: failpoint("worker.after_chunk"))
         update = messages.Update(
@@ -229,9 +302,13 @@ class Trainer:
             num_samples=result.samples, metrics={"loss": result.loss, "seconds": result.seconds,
                                                  "samples_per_s": result.samples_per_s, "behind": float(max(0, task.min_version - version))},
             codec=encoded.codec, raw_bytes=encoded.raw_bytes, wire_bytes=encoded.wire_bytes, payload=payload)
-        publish_message(self.pub, self.topo.work_exchange, self.topo.UPDATES_KEY, update, message_id=task.task_id)
+        publish_message(self.pub, self.topo.update_exchange, self.topo.UPDATES_KEY, update, message_id=task.task_id)
         ef.commit(pending)  # confirmed: what compression dropped waits for the next update
-        ef.save(self.ef_path)
+        try:
+            ef.save(self.ef_path)
+        except OSError as exc:  # answered: the task is done (not dead-lettered); the file is one update behind
+            log.warning("residual_not_saved", task_id=task.task_id, worker=self.worker_id, path=str(self.ef_path),
+                        error=f"{type(exc).__name__}: {exc}")
         log.info("update_published", task_id=task.task_id, worker=self.worker_id, base_version=version,
                  loss=round(result.loss, 4), seconds=round(result.seconds, 2), wire_bytes=encoded.wire_bytes,
                  ratio=round(encoded.ratio, 1))
@@ -245,15 +322,44 @@ class Trainer:
         return self.ef
 
     def _evaluate_task(self, task: messages.EvaluateTask) -> None:
+        """Evaluate a version on this trainer's validation shard (the model of its last train task, else the
+        default preset), publish a Metrics event. Raises TaskExpired, TaskAborted, or why it cannot be run."""
         if self.val_clips is None:
             raise DataError(f"{self.worker_id} has no validation shard to evaluate on")
-        model = self.model if self.model is not None else self._model_for(ModelSpec.name, False)
+        key = self.model_key if self.model is not None and self.model_key is not None else (ModelSpec.name, False)
+        model = self._model_for(*key)
         version, base = self._fetch(task.version)
-        model.load_state_dict(base)
-        result = self._wait_for(evaluate, model, self.val_clips, self.device)
+        check_deadline(task, "fetching")
+        _load_state(self, model, key, version, base)
+
+        def on_batch(done, total):
+            if self.stop_event.is_set() or self.abort.is_set():
+                raise TaskAborted()
+            check_deadline(task, "evaluating", done, total)
+
+        result = self._wait_for(lambda: evaluate(model, self.val_clips, self.device, on_batch=on_batch))
+        check_deadline(task, "publishing", len(self.val_clips), len(self.val_clips))
         self._publish_event("metrics", messages.Metrics(
             self.w.experiment, self.worker_id, version,
             {"val_accuracy": result.accuracy, "val_loss": result.loss, "val_samples": float(result.samples)}, time.time()))
+
+
+def _load_state(trainer, model: torch.nn.Module, key: tuple, version: int, state: dict[str, torch.Tensor]) -> None:
+    """Load model version `version` into `model` and keep it as `trainer.model` for `key` (what the task
+    named). A version that does not fit (a task naming another model than the one trained: missing keys,
+    other shapes) raises ModelLoadError; `load_state_dict` has copied what fitted by then, so a cached model
+    it half-loaded is dropped, and the next task starts from a clean build. A model that was never cached
+    (built for this task) is simply not kept: the trainer's previous model stays as it was."""
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:
+        if model is trainer.model:
+            trainer.model, trainer.model_key = None, None
+        if isinstance(exc, RuntimeError):  # what load_state_dict raises for missing keys and other shapes
+            why = " ".join(line.strip() for line in str(exc).splitlines()[:3])[:500]
+            raise ModelLoadError(f"model version {version} does not fit model {key[0]!r}: {why}") from exc
+        raise
+    trainer.model, trainer.model_key = model, key
 
 
 # -- process management ------------------------------------------------------------------------------------

@@ -156,22 +156,29 @@ def train(model: torch.nn.Module, clips: Clips, config: TrainConfig, device: str
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, clips: Clips, device: str | torch.device = "cpu",
-             batch_size: int = 128) -> EvalResult:
-    """Accuracy, mean loss and per-class accuracy of `model` on `clips`. Raises DataError when empty."""
+             batch_size: int = 128, on_batch: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Accuracy, mean loss and per-class accuracy of `model` on `clips`. Raises DataError when empty.
+
+    on_batch(clips done, clips in all) is called after each batch (a worker checks its task's deadline);
+    what it raises stops the evaluation."""
     if len(clips) == 0:
         raise DataError("cannot evaluate on an empty split")
     device = torch.device(device)
     was_training = model.training
     model.to(device).eval()
     preds, loss_sum = [], 0.0
-    for start in range(0, len(clips), batch_size):
-        x = normalize(clips.audio[start:start + batch_size]).to(device)
-        y = clips.labels[start:start + batch_size].to(device)
-        with _autocast(device):
-            logits = model(input_values=x).logits.float()
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        preds.append(logits.argmax(-1).cpu())
-    model.train(was_training)
+    try:
+        for start in range(0, len(clips), batch_size):
+            x = normalize(clips.audio[start:start + batch_size]).to(device)
+            y = clips.labels[start:start + batch_size].to(device)
+            with _autocast(device):
+                logits = model(input_values=x).logits.float()
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            preds.append(logits.argmax(-1).cpu())
+            if on_batch is not None:
+                on_batch(min(start + batch_size, len(clips)), len(clips))
+    finally:
+        model.train(was_training)
     pred = torch.cat(preds)
     correct = pred == clips.labels
     n_labels = len(KS_LABELS)

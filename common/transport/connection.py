@@ -1,8 +1,21 @@
 """Connecting to RabbitMQ: one place for the URL, connection names, heartbeats, TLS and reconnects.
 
-`AMQP_URL` (default ``amqp://guest:guest@localhost:5672/%2F``) names the broker; ``amqps://`` turns on TLS
-(system CA store; `AMQP_CA_FILE` adds a CA bundle). Every connection names itself
+`AMQP_URL` (default ``amqp://guest:guest@localhost:5672/%2F``) names the broker. Every connection names itself
 ``{role}:{node}:{device}`` so the management UI shows who is who.
+
+TLS (docs/tls.md): ``amqps://`` turns it on, with these variables (read only for amqps:// URLs):
+
+- `AMQP_CA_FILE`: trust exactly the CAs in this PEM bundle, *instead of* the system trust store (a broker
+  whose certificate chains to a public CA only is then refused). Unset: the system store.
+- `AMQP_CERT_FILE` + `AMQP_KEY_FILE`: the client certificate (PEM, chain allowed) and its private key,
+  presented to the broker; both or neither. `AMQP_KEY_PASSWORD`: the key's passphrase, if it has one.
+- `AMQP_AUTH`: `plain` (default: user and password from the URL) or `external` (SASL EXTERNAL: the broker
+  takes the user name from the client certificate; needs amqps:// and a client certificate; the URL's
+  user and password are not sent).
+
+The broker's certificate must name the URL's host (check_hostname): with a certificate for ``localhost``,
+connect to ``amqps://localhost:5671/`` rather than ``amqps://127.0.0.1:5671/``. Incomplete or unreadable
+settings raise `TlsConfigError` naming the variable and the path.
 """
 from __future__ import annotations
 
@@ -12,9 +25,11 @@ import socket
 import ssl
 import threading
 import time
-from typing import Callable, Iterator, TypeVar
+import urllib.parse
+from typing import Callable, Iterator, Mapping, TypeVar
 
 import pika
+import pika.credentials
 import pika.exceptions
 
 from common.errors import MqfedError
@@ -78,6 +93,59 @@ def connection_name(role: str, node: str | None = None, device: str | None = Non
     return f"{role}:{node or socket.gethostname()}:{device or '-'}"
 
 
+class TlsConfigError(MqfedError):
+    """The TLS or authentication settings (AMQP_CA_FILE, AMQP_CERT_FILE, AMQP_KEY_FILE, AMQP_KEY_PASSWORD,
+    AMQP_AUTH) are incomplete, contradictory or name a file that cannot be read; the message names them."""
+
+
+def _tls_file(env: Mapping[str, str], var: str) -> str | None:
+    path = env.get(var) or None
+    if path is not None and not os.path.isfile(path):
+        raise TlsConfigError(f"{var}={path}: no such file")
+    return path
+
+
+def tls_context(env: Mapping[str, str] | None = None) -> ssl.SSLContext:
+    """The client's SSLContext from `env` (default os.environ), as the module doc describes: verifies the
+    broker's certificate and host name against AMQP_CA_FILE only (when set) or the system store, and
+    presents AMQP_CERT_FILE/AMQP_KEY_FILE (when set). Raises `TlsConfigError` on bad settings."""
+    env = os.environ if env is None else env
+    cert, key = env.get("AMQP_CERT_FILE") or None, env.get("AMQP_KEY_FILE") or None
+    if (cert is None) != (key is None):
+        given, missing = ("AMQP_CERT_FILE", "AMQP_KEY_FILE") if cert else ("AMQP_KEY_FILE", "AMQP_CERT_FILE")
+        raise TlsConfigError(f"{given} is set but {missing} is not: a client certificate needs both"
+                             " AMQP_CERT_FILE (the certificate) and AMQP_KEY_FILE (its private key)")
+    ca, cert, key = (_tls_file(env, v) for v in ("AMQP_CA_FILE", "AMQP_CERT_FILE", "AMQP_KEY_FILE"))
+    try:
+        # cafile given: only its CAs are trusted (create_default_context loads the system store only
+        # without one). Hostname checks and certificate verification are on.
+        ctx = ssl.create_default_context(cafile=ca)
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsConfigError(f"AMQP_CA_FILE={ca}: cannot load it as a PEM CA bundle ({exc})") from exc
+    if cert is not None:
+        try:
+            ctx.load_cert_chain(cert, key, password=env.get("AMQP_KEY_PASSWORD") or None)
+        except (ssl.SSLError, OSError) as exc:
+            raise TlsConfigError(f"AMQP_CERT_FILE={cert} / AMQP_KEY_FILE={key}: cannot load the client"
+                                 f" certificate and key (not PEM, not a pair, or a wrong or missing"
+                                 f" AMQP_KEY_PASSWORD: {exc})") from exc
+    return ctx
+
+
+def sasl_mechanism(env: Mapping[str, str] | None = None, *, tls: bool) -> str:
+    """`plain` or `external` from AMQP_AUTH in `env` (default os.environ; unset: plain). `external` needs
+    TLS (`tls`, an amqps:// URL) and a client certificate; anything else raises `TlsConfigError`."""
+    env = os.environ if env is None else env
+    auth = (env.get("AMQP_AUTH") or "plain").strip().lower()
+    if auth not in ("plain", "external"):
+        raise TlsConfigError(f"AMQP_AUTH={env.get('AMQP_AUTH')!r}: expected 'plain' (user and password from"
+                             " AMQP_URL) or 'external' (the user named by the client certificate)")
+    if auth == "external" and not (tls and env.get("AMQP_CERT_FILE")):
+        raise TlsConfigError("AMQP_AUTH=external needs an amqps:// AMQP_URL and a client certificate"
+                             " (AMQP_CERT_FILE and AMQP_KEY_FILE)")
+    return auth
+
+
 def parameters(role: str, node: str | None = None, device: str | None = None, url: str | None = None,
                heartbeat: int = 60, frame_max: int | None = None) -> pika.URLParameters:
     """pika parameters for `url` with heartbeats, a connection name and TLS for amqps://."""
@@ -88,10 +156,25 @@ def parameters(role: str, node: str | None = None, device: str | None = None, ur
     params.client_properties = {"connection_name": connection_name(role, node, device), "product": "mqfed"}
     if frame_max:
         params.frame_max = frame_max
-    if amqp_url(url).startswith("amqps://"):
-        ctx = ssl.create_default_context(cafile=os.environ.get("AMQP_CA_FILE"))
-        params.ssl_options = pika.SSLOptions(ctx, params.host)
+    tls = amqp_url(url).startswith("amqps://")
+    if tls:
+        params.ssl_options = pika.SSLOptions(tls_context(), server_hostname=params.host)
+    if sasl_mechanism(tls=tls) == "external":
+        params.credentials = pika.credentials.ExternalCredentials()
     return params
+
+
+def broker_user(url: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The broker user a connection to `url` logs in as: AMQP_URL's user, or with AMQP_AUTH=external the
+    common name of AMQP_CERT_FILE. Every message this process publishes carries it as `user_id`, which
+    RabbitMQ checks against the connection's user (docs/security.md)."""
+    env = os.environ if env is None else env
+    if (env.get("AMQP_AUTH") or "").strip().lower() == "external" and env.get("AMQP_CERT_FILE"):
+        subject = ssl._ssl._test_decode_cert(env["AMQP_CERT_FILE"])["subject"]  # type: ignore[attr-defined]  # noqa: SLF001
+        names = [value for rdn in subject for key, value in rdn if key == "commonName"]
+        if names:
+            return names[-1]
+    return urllib.parse.unquote(urllib.parse.urlparse(amqp_url(url)).username or "guest")
 
 
 #: Bytes per socket read. pika reads 4 KiB per recv() call and appends each read to its frame buffer: a
@@ -125,7 +208,9 @@ def connect(role: str, node: str | None = None, device: str | None = None, url: 
     while True:
         attempt += 1
         try:
-            return _with_large_reads(pika.BlockingConnection(params))
+            conn = _with_large_reads(pika.BlockingConnection(params))
+            conn.broker_user = broker_user(url)  # type: ignore[attr-defined] - read by the publishers
+            return conn
         except RETRYABLE as exc:
             if (attempts and attempt >= attempts) or (stop is not None and stop()):
                 raise

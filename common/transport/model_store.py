@@ -28,6 +28,7 @@ from pika.adapters.blocking_connection import ReturnedMessage
 from common.errors import MqfedError
 from common.logs import get_logger
 from common.transport.connection import queue_unavailable_is_retryable
+from common.transport.publish import sender
 from common.wire import messages
 from common.wire.chunks import (
     DEFAULT_CHUNK_SIZE,
@@ -142,7 +143,8 @@ def _sha256_file(path: Path) -> str:
 class ModelStore:
     """Publish and fetch model versions of one experiment.
 
-    names: an object with `experiment`, `models`, `model_index`, `events` (e.g. broker.topology.Topology).
+    names: an object with `experiment`, `models`, `model_index`, `events`, `model_exchange`, `MODELS_KEY`,
+      `MODEL_INDEX_KEY` (e.g. broker.topology.Topology).
     channel: a pika BlockingChannel; publishing needs `confirm_delivery()` on it.
     """
 
@@ -187,8 +189,8 @@ class ModelStore:
         probe + 1 receives. The probe has no chunk headers, so readers skip it.
         """
         probe_id = f"probe-{uuid.uuid4().hex}"
-        self.channel.basic_publish("", self.names.models, b"", pika.BasicProperties(
-            message_id=probe_id, type="offset_probe", delivery_mode=2), mandatory=True)
+        self.channel.basic_publish(self.names.model_exchange, self.names.MODELS_KEY, b"", pika.BasicProperties(
+            message_id=probe_id, type="offset_probe", delivery_mode=2, user_id=sender(self.channel)), mandatory=True)
         for off, props, _ in self._read_stream(self.names.models, "last", 10.0, 16):
             if props.message_id == probe_id:
                 return off
@@ -239,11 +241,13 @@ class ModelStore:
 
     def _publish(self, version: int, payload: bytes | str | os.PathLike) -> messages.ModelVersion:
         first = self._probe_offset() + 1
-        props_base = dict(delivery_mode=2, content_type="application/octet-stream", type="model_chunk")
+        props_base = dict(delivery_mode=2, content_type="application/octet-stream", type="model_chunk",
+                          user_id=sender(self.channel))
         window = _ConfirmWindow(self.channel.connection, self.confirm_window)
         try:
             def send(body, headers):
-                window.publish("", self.names.models, bytes(body), pika.BasicProperties(headers=headers, **props_base))
+                window.publish(self.names.model_exchange, self.names.MODELS_KEY, bytes(body),
+                               pika.BasicProperties(headers=headers, **props_base))
 
             info = publish_chunked(send, payload, chunk_size=self.chunk_size, transfer_id=f"model-v{version}",
                                    headers={H_VERSION: version}, digest_in_last_chunk=True)
@@ -253,8 +257,9 @@ class ModelStore:
         ann = messages.ModelVersion(self.names.experiment, version, first, info.num_chunks, info.size,
                                     info.sha256, info.transfer_id, time.time())
         body = messages.encode(ann)
-        props = pika.BasicProperties(delivery_mode=2, content_type="application/msgpack", type="model_version")
-        self.channel.basic_publish("", self.names.model_index, body, props, mandatory=True)
+        props = pika.BasicProperties(delivery_mode=2, content_type="application/msgpack", type="model_version",
+                                     user_id=sender(self.channel))
+        self.channel.basic_publish(self.names.model_exchange, self.names.MODEL_INDEX_KEY, body, props, mandatory=True)
         self.channel.basic_publish(self.names.events, "model.version", body, props)
         log.info("model_published", version=version, bytes=info.size, chunks=info.num_chunks, offset=first)
         return ann

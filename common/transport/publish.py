@@ -1,5 +1,6 @@
 """Publishing: one wire message, and one update payload (inline or chunked), both under publisher confirms
-when the channel confirms. docs/messaging.md#publishing."""
+when the channel confirms. Every message carries the connection's broker user as `user_id` (RabbitMQ refuses
+a publish whose user_id is not the connection's user, so a receiver can trust it). docs/messaging.md#publishing."""
 from __future__ import annotations
 
 import time
@@ -11,6 +12,11 @@ from common.wire import messages
 from common.wire.chunks import publish_chunked
 
 
+def sender(channel) -> str | None:
+    """The broker user of `channel`'s connection (set by common.transport.connection.connect), or None."""
+    return getattr(getattr(channel, "connection", None), "broker_user", None)
+
+
 def publish_message(channel, exchange: str, routing_key: str, msg: messages.Message, mandatory: bool = True,
                     **props) -> None:
     """Publish one wire message (persistent, `type` = its tag, content type msgpack).
@@ -18,6 +24,7 @@ def publish_message(channel, exchange: str, routing_key: str, msg: messages.Mess
     mandatory: raise `pika.exceptions.UnroutableError` (on a confirming channel) when no queue takes it;
     events pass False, since nobody may be listening.
     """
+    props.setdefault("user_id", sender(channel))
     channel.basic_publish(exchange, routing_key, messages.encode(msg), pika.BasicProperties(
         content_type="application/msgpack", delivery_mode=2, type=messages.type_tag(msg),
         timestamp=int(time.time()), **props), mandatory=mandatory)
@@ -31,9 +38,11 @@ def publish_payload(channel, exchange: str, routing_key: str, data: bytes, *, in
     if len(data) <= inline_max_bytes:
         return messages.PayloadRef(inline=data)
 
+    user_id = sender(channel)
+
     def send(chunk, headers) -> None:
-        channel.basic_publish(exchange, routing_key, bytes(chunk), pika.BasicProperties(headers=headers, delivery_mode=2),
-                              mandatory=True)
+        channel.basic_publish(exchange, routing_key, bytes(chunk),
+                              pika.BasicProperties(headers=headers, delivery_mode=2, user_id=user_id), mandatory=True)
         if after_chunk is not None:
             after_chunk()
 

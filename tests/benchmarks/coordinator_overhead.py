@@ -34,6 +34,7 @@ from common.transport.connection import connect
 from common.transport.publish import publish_message, publish_payload
 from common.wire import messages
 from coordinator.aggregator import Aggregator, AggregatorConfig, ClientUpdate
+from coordinator.dispatch import Dispatcher
 from coordinator.experiment import ExperimentConfig
 from coordinator.local_federation import LocalFederation
 from coordinator.server_optim import ServerOptimizerConfig
@@ -116,14 +117,17 @@ def main() -> None:
         topo = topology.Topology(name)
         try:
             fed.wait_for(lambda: fed.events("coordinator.log", "coordinator_started"), 600, "the coordinator")
+            # task ids as the coordinator signs them (its run secret; a real worker gets them from its tasks)
+            signer = Dispatcher(secret=(Path(tmp) / "run" / "run-secret").read_bytes())
             conn = connect("bench", device="publisher", attempts=3)
             ch = conn.channel()
             ch.confirm_delivery()
             for i, data_bytes in enumerate(payloads):
-                ref = publish_payload(ch, topo.work_exchange, topo.UPDATES_KEY, data_bytes,
+                ref = publish_payload(ch, topo.update_exchange, topo.UPDATES_KEY, data_bytes,
                                       inline_max_bytes=1024 * 1024, chunk_bytes=8 * 1024 * 1024)
-                publish_message(ch, topo.work_exchange, topo.UPDATES_KEY, messages.Update(
-                    name, f"t{i}", "bench/cpu", 0, 10, {}, args.codec, model_bytes, len(data_bytes), ref))
+                publish_message(ch, topo.update_exchange, topo.UPDATES_KEY, messages.Update(
+                    name, signer.task_id(10_000 + i, 0), "bench/cpu", 0, 10, {}, args.codec, model_bytes,
+                    len(data_bytes), ref))
             conn.close()
             samples = []  # (wall time, RSS) every 0.1 s: the peak while ingesting, and over the whole run
             while proc.poll() is None:

@@ -155,7 +155,7 @@ def bench_ingest(payload: bytes, updates: int, chunk: int, repeat: int) -> tuple
     ours = raw = 0.0
 
     def send(body, headers):
-        ch.basic_publish(topo.work_exchange, topo.UPDATES_KEY, bytes(body),
+        ch.basic_publish(topo.update_exchange, topo.UPDATES_KEY, bytes(body),
                          pika.BasicProperties(headers=headers, delivery_mode=2), mandatory=True)
 
     try:
@@ -163,7 +163,7 @@ def bench_ingest(payload: bytes, updates: int, chunk: int, repeat: int) -> tuple
             t0 = time.perf_counter()
             for i in range(updates):
                 info = publish_chunked(send, payload, chunk_size=chunk)
-                publish_message(ch, topo.work_exchange, topo.UPDATES_KEY, messages.Update(
+                publish_message(ch, topo.update_exchange, topo.UPDATES_KEY, messages.Update(
                     topo.experiment, f"r{run}-t{i}", "bench", 0, 1, {}, "fp32", len(payload), len(payload),
                     messages.PayloadRef(transfer_id=info.transfer_id)))
             got = []

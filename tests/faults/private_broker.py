@@ -20,6 +20,14 @@ The node runs in the foreground of a child process (its own session), so the tes
 - `close()` always leaves nothing behind: stops the node (kills it if it will not stop), kills what is left
   of its process group and removes the directory.
 
+TLS mode (`PrivateBroker(tls=TlsFiles(cacert, cert, key))`): the node also listens for AMQP over TLS on
+127.0.0.1:<tls_port> (`tls_url()`), verifies client certificates against `cacert` and refuses clients
+without one (`ssl_options.verify = verify_peer`, `fail_if_no_peer_cert = true`). The plain listener stays:
+readiness is checked there (then a TCP connect to the TLS port), and `url` (guest, loopback only) is there
+for a test's set-up. With `external_auth=True` the node also offers SASL EXTERNAL, the user being the
+client certificate's CN (`rabbitmq_auth_mechanism_ssl`, `ssl_cert_login_from = common_name`); PLAIN stays
+on for `url`. Without `tls` the files are exactly those listed above.
+
 `BrokerUnavailable` is raised when no RabbitMQ installation is found (`available()` tells beforehand);
 `BrokerError` when one is found but the node does not come up (with the tail of its output and log).
 Scripts are looked up in `$RABBITMQ_SCRIPTS_DIR`, `/usr/lib/rabbitmq/bin` (Debian/Ubuntu: `/usr/sbin`
@@ -35,6 +43,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from broker.ensure import answers
@@ -87,10 +96,22 @@ def _port_free(port: int) -> bool:
             return False
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a TLS listener: the CA that client certificates must chain to, the server's
+    certificate and its (unencrypted) key."""
+    cacert: Path
+    cert: Path
+    key: Path
+
+
 class PrivateBroker:
     """One private RabbitMQ node (see the module doc). Use as a context manager or call `close()`."""
 
-    def __init__(self, base_dir: str | os.PathLike | None = None, start_timeout_s: float = START_TIMEOUT_S) -> None:
+    def __init__(self, base_dir: str | os.PathLike | None = None, start_timeout_s: float = START_TIMEOUT_S,
+                 tls: TlsFiles | None = None, external_auth: bool = False, management: bool = False) -> None:
+        if external_auth and tls is None:
+            raise ValueError("external_auth needs tls (EXTERNAL takes the user from the client certificate)")
         scripts = scripts_dir()
         if scripts is None:
             raise BrokerUnavailable("rabbitmq-server is not installed (looked in $RABBITMQ_SCRIPTS_DIR,"
@@ -105,7 +126,18 @@ class PrivateBroker:
         self.dist_port = free_port()
         while self.dist_port == self.port:
             self.dist_port = free_port()
+        self.tls, self.external_auth = tls, external_auth
+        self.tls_port: int | None = None
+        if tls is not None:
+            self.tls_port = free_port()
+            while self.tls_port in (self.port, self.dist_port):
+                self.tls_port = free_port()
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        self.management_port: int | None = None  # management=True: the HTTP API on a free port of its own
+        if management:
+            self.management_port = free_port()
+            while self.management_port in (self.port, self.dist_port, self.tls_port):
+                self.management_port = free_port()
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self._write_files()
@@ -122,9 +154,55 @@ class PrivateBroker:
         (self.base / "rabbitmq.conf").write_text(
             f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
             "log.console = false\n"
-            "log.file.level = info\n")
-        (self.base / "enabled_plugins").write_text("[].\n")
+            "log.file.level = info\n" + self._tls_conf()
+            + (f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.management_port}\n"
+               if self.management_port else ""))
+        plugins = ",".join(p for p, on in (("rabbitmq_auth_mechanism_ssl", self.external_auth),
+                                           ("rabbitmq_management", self.management_port is not None)) if on)
+        (self.base / "enabled_plugins").write_text(f"[{plugins}].\n")
         (self.base / "rabbitmq-env.conf").write_text("")
+
+    def _tls_conf(self) -> str:
+        """rabbitmq.conf lines of TLS mode ("" without it)."""
+        if self.tls is None:
+            return ""
+        lines = [f"listeners.ssl.default = 127.0.0.1:{self.tls_port}",
+                 f"ssl_options.cacertfile = {Path(self.tls.cacert).resolve()}",
+                 f"ssl_options.certfile = {Path(self.tls.cert).resolve()}",
+                 f"ssl_options.keyfile = {Path(self.tls.key).resolve()}",
+                 "ssl_options.verify = verify_peer",
+                 "ssl_options.fail_if_no_peer_cert = true"]
+        if self.external_auth:
+            lines += ["auth_mechanisms.1 = EXTERNAL", "auth_mechanisms.2 = PLAIN",
+                      "ssl_cert_login_from = common_name"]
+        return "".join(line + "\n" for line in lines)
+
+    def _management_answers(self) -> bool:
+        """True without the management API, else once it answers HTTP (401 included)."""
+        if self.management_url is None:
+            return True
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(self.management_url + "/api/overview", timeout=2).close()
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+        return True
+
+    @property
+    def management_url(self) -> str | None:
+        """The management HTTP API (management=True), for broker/admin.py (MQFED_MANAGEMENT_URL)."""
+        return f"http://127.0.0.1:{self.management_port}" if self.management_port else None
+
+    def tls_url(self, host: str = "localhost", userinfo: str = "") -> str:
+        """amqps:// URL of the TLS listener; `host` must be a name the server certificate holds, `userinfo`
+        e.g. "user:password@" (empty: no credentials in the URL, for SASL EXTERNAL)."""
+        if self.tls_port is None:
+            raise BrokerError("this node has no TLS listener (PrivateBroker(tls=...))")
+        return f"amqps://{userinfo}{host}:{self.tls_port}/%2F"
 
     def env(self) -> dict[str, str]:
         """Environment for rabbitmq-server / rabbitmqctl of this node (no inherited RABBITMQ_* settings)."""
@@ -160,7 +238,16 @@ class PrivateBroker:
         return self.proc is not None and self.proc.poll() is None
 
     def answers(self, timeout: float = 2.0) -> bool:
-        return answers(self.url, timeout)
+        """An AMQP handshake succeeds on the plain listener (and, in TLS mode, the TLS port accepts TCP)."""
+        if not answers(self.url, timeout):
+            return False
+        if self.tls_port is None:
+            return True
+        try:
+            socket.create_connection(("127.0.0.1", self.tls_port), timeout=timeout).close()
+            return True
+        except OSError:
+            return False
 
     def beam_pid(self) -> int | None:
         """Pid of the node's Erlang VM (beam.smp), found among the children of the process we started."""
@@ -215,8 +302,9 @@ class PrivateBroker:
         if self.running:
             raise BrokerError(f"{self.nodename} is already running")
         deadline = time.monotonic() + self.start_timeout_s
-        for port in (self.port, self.dist_port):  # a restart reuses them: wait until the old node let go
-            while not _port_free(port) and time.monotonic() < deadline:
+        # a restart reuses the ports: wait until the old node let go
+        for port in (self.port, self.dist_port, self.tls_port):
+            while port is not None and not _port_free(port) and time.monotonic() < deadline:
                 time.sleep(0.2)
         out = open(self.base / "server.out", "ab")
         try:
@@ -230,7 +318,7 @@ class PrivateBroker:
             if self.proc.poll() is not None:
                 raise BrokerError(f"rabbitmq-server for {self.nodename} exited with {self.proc.returncode}"
                                   f" while starting\n{self._output_tail()}")
-            if self.answers():
+            if self.answers() and self._management_answers():
                 return self
             time.sleep(0.5)
         self._kill_group()

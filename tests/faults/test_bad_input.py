@@ -2,6 +2,11 @@
 message on the updates queue is dead-lettered (or, for a good transfer that arrives oddly, applied once),
 counted, and logged; nothing crashes and nothing bad is applied.
 
+Everything runs as the generated least-privilege users (broker/definitions.py): the coordinator as the
+experiment's coordinator user, the hostile publisher as worker node `faulty`; only the test's observer (the
+dead-letter reader) is an administrator. Task ids are signed by the coordinator: a test names its updates by
+a label, and `Federation.signed(label)` makes the id a task of this run would have.
+
 One `coordinator.server.Coordinator` runs in a thread for the whole module (K = 1, so any accepted update
 would take a server step at once; the kws-tiny model; a 12-clip evaluation set; no evaluation during the
 run; `tasks.transfer_timeout_s` = 3 s; `fedbuff.max_update_norm` = 1). One coordinator surviving every case
@@ -27,6 +32,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import re
 import struct
 import threading
 import time
@@ -44,7 +50,7 @@ from broker import topology
 from common.compression import codecs
 from common.learning.config import TrainConfig
 from common.transport.connection import connect
-from common.transport.publish import publish_message
+from common.transport.publish import publish_message, sender
 from common.wire import messages
 from common.wire.chunks import publish_chunked
 from common.wire.tensors import decode_state, encode_state
@@ -95,26 +101,45 @@ class Mark:
 class Federation:
     """A Coordinator thread plus a publisher and a dead-letter reader on their own connection."""
 
-    def __init__(self, coordinator, topo: topology.Topology, logs: _LogTee) -> None:
+    def __init__(self, coordinator, topo: topology.Topology, logs: _LogTee, worker_url: str) -> None:
         self.coordinator, self.topo, self.logs = coordinator, topo, logs
         self.versions: list[dict] = []  # the coordinator's on_version entries, in order
-        self.conn = connect("test", device="bad-input", attempts=3)
+        self.worker_url = worker_url
+        self.conn = connect("test", device="bad-input", url=worker_url, attempts=3)  # worker node `faulty`
         self.pub = self.conn.channel()
         self.pub.confirm_delivery()
-        self.dlq = self.conn.channel()
+        self.observer = connect("test", device="observer", attempts=3)  # an administrator
+        self.dlq = self.observer.channel()
+        self._signed: dict[str, str] = {}
         self.stash: list[tuple] = []  # dead letters read but not claimed yet
         self._ids = itertools.count()
         with torch.no_grad():
             self.params = {n: t.detach().clone() for n, t in coordinator.state.items() if t.is_floating_point()}
 
     # -- publishing ---------------------------------------------------------------------------------------
-    def publish(self, body: bytes, message_id: str, headers: dict | None = None, channel=None) -> None:
-        (channel or self.pub).basic_publish(
-            self.topo.work_exchange, self.topo.UPDATES_KEY, body,
-            pika.BasicProperties(delivery_mode=2, message_id=message_id, headers=headers), mandatory=True)
+    def signed(self, label: str) -> str:
+        """The task id (signed by the coordinator's dispatcher, at the current version) that stands for `label`
+        in this test (a signed id stands for itself)."""
+        if re.fullmatch(r"t\d+-v\d+-[0-9a-f]{16}", label):
+            return label
+        if label not in self._signed:
+            self._signed[label] = self.coordinator.dispatcher.task_id(
+                10**6 + next(self._ids), self.coordinator.version)
+        return self._signed[label]
 
-    def publish_message(self, msg, message_id: str) -> None:
-        publish_message(self.pub, self.topo.work_exchange, self.topo.UPDATES_KEY, msg, message_id=message_id)
+    def publish(self, body: bytes, message_id: str, headers: dict | None = None, channel=None) -> None:
+        channel = channel or self.pub
+        channel.basic_publish(
+            self.topo.update_exchange, self.topo.UPDATES_KEY, body,
+            pika.BasicProperties(delivery_mode=2, message_id=message_id, headers=headers, user_id=sender(channel)),
+            mandatory=True)
+
+    def publish_message(self, msg, message_id: str, channel=None) -> None:
+        """Publish `msg` (an Update's task label made its signed task id) as worker `faulty`."""
+        if isinstance(msg, messages.Update):
+            msg = dataclasses.replace(msg, task_id=self.signed(msg.task_id))
+        publish_message(channel or self.pub, self.topo.update_exchange, self.topo.UPDATES_KEY, msg,
+                        message_id=message_id)
 
     def delta(self, scale: float = 1e-5) -> dict[str, torch.Tensor]:
         return {n: torch.full_like(t, scale) for n, t in self.params.items()}
@@ -127,7 +152,7 @@ class Federation:
             raw = 4 * sum(math.prod(v.shape) for v in codecs.decode(data).values())
         except (codecs.CodecError, ValueError):
             raw = 4 * sum(t.numel() for t in self.params.values())
-        base = dict(experiment=self.topo.experiment, task_id=task_id, worker_id="faulty/cpu",
+        base = dict(experiment=self.topo.experiment, task_id=self.signed(task_id), worker_id="faulty/cpu",
                     base_version=self.coordinator.version, num_samples=10, metrics={}, codec=codec,
                     raw_bytes=raw, wire_bytes=len(data),
                     payload=messages.PayloadRef(inline=data))
@@ -146,6 +171,7 @@ class Federation:
     # -- observing ----------------------------------------------------------------------------------------
     def mark(self) -> Mark:
         self.check_alive()
+        self._signed.clear()  # each test signs its labels afresh, at the version it starts at
         c = self.coordinator
         return Mark(c.version, len(self.versions), len(self.logs.entries),
                     copy.deepcopy(dataclasses.asdict(c.consumer.stats)), dict(c.counters),
@@ -168,7 +194,7 @@ class Federation:
         if update is None:
             update = self.update(f"good-{next(self._ids)}")
             self.publish_message(update, update.task_id)
-        task = update.task_id
+        task = self.signed(update.task_id)
         self.wait(lambda: any(task in v["tasks"] for v in self.versions[mark.versions_seen:]),
                   f"good update {task} to be applied")
         new = self.versions[mark.versions_seen:]
@@ -231,6 +257,7 @@ class Federation:
 
     def logged(self, mark: Mark, event: str, **match: str) -> dict:
         """The first `event` logged since `mark` whose fields contain each `match` value (as text)."""
+        match = {k: self.signed(v) if k == "task_id" else v for k, v in match.items()}
         for e in self.events(mark, event):
             if all(text in str(e.get(key)) for key, text in match.items()):
                 return e
@@ -245,7 +272,12 @@ def fed(tmp_path_factory, tiny_corpus_dir, broker_url):
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    from broker import admin, definitions
+
     topo = topology.Topology(f"bad-input-{uuid.uuid4().hex[:8]}")
+    api = admin.Management()
+    coordinator_url = admin.user_url(definitions.coordinator_user(topo), admin.add_coordinator(api, topo))
+    worker_url = admin.user_url(definitions.worker_user(topo, "faulty"), admin.add_worker(api, topo, "faulty"))
     run_dir = tmp_path_factory.mktemp("bad-input") / "run"
     cfg = load_config(ExperimentConfig, env={}, overrides={
         "experiment.name": topo.experiment, "experiment.run_dir": str(run_dir), "data.path": str(tiny_corpus_dir),
@@ -254,7 +286,7 @@ def fed(tmp_path_factory, tiny_corpus_dir, broker_url):
         "stop.max_versions": 0, "stop.max_wall_s": 3600.0})
     with _LogTee() as logs:
         versions: list[dict] = []
-        coordinator = Coordinator(cfg, on_version=versions.append)
+        coordinator = Coordinator(cfg, url=coordinator_url, on_version=versions.append)
         f = None
         summary: dict = {}
         error: list[BaseException] = []
@@ -273,14 +305,18 @@ def fed(tmp_path_factory, tiny_corpus_dir, broker_url):
             while not any(e.get("event") == "coordinator_started" for e in logs.entries):
                 assert thread.is_alive() and time.monotonic() < deadline, f"coordinator did not start: {error}"
                 time.sleep(0.05)
-            f = Federation(coordinator, topo, logs)
+            f = Federation(coordinator, topo, logs, worker_url)
             f.versions, f.thread, f.errors = versions, thread, error
             yield f
         finally:
             coordinator.request_stop()
             thread.join(WAIT_S)
-            if f is not None and f.conn.is_open:
-                f.conn.close()
+            if f is not None:
+                for conn in (f.conn, f.observer):
+                    if conn.is_open:
+                        conn.close()
+            for user in (definitions.coordinator_user(topo), definitions.worker_user(topo, "faulty")):
+                api.delete_user(user)
             cleanup = connect("test", device="cleanup", attempts=3)
             topology.delete(cleanup.channel(), topo)
             cleanup.close()
@@ -448,7 +484,7 @@ def test_an_update_whose_payload_does_not_decode_is_dead_lettered_as_a_codec_err
     assert changes["counters"] == {"codec_errors": 1, "dead_lettered": 1}
     assert changes["accepted"] == 1 and changes["rejected"] == {}
     line = fed.logged(mark, "message_dead_lettered", message_id=case, reason=phrase)
-    assert f"update {case} from faulty/cpu: payload:" in line["reason"]
+    assert f"update {fed.signed(case)} from faulty/cpu: payload:" in line["reason"]
 
 
 # -- validation faults: the payload decodes, the aggregator refuses it ---------------------------------------
@@ -481,7 +517,16 @@ VALIDATION_CASES = {
     "another-experiment": (lambda fed: fed.update("v", experiment="someone-else"), "experiment",
                            "update is for 'someone-else'"),
     "no-samples": (lambda fed: fed.update("v", num_samples=0), "num_samples", "num_samples must be an int >= 1"),
+    "more-samples-than-the-task-asked-for": (lambda fed: fed.update("v", num_samples=2**63 - 1), "num_samples",
+                                             lambda fed: f"the task asked for at most {_asked(fed)}"),
+    "finite-but-huge": (lambda fed: fed.update("v", _delta_with(fed, lambda d: None, scale=3e38)), "norm",
+                        "> max_update_norm 1"),
 }
+
+
+def _asked(fed) -> int:
+    local = fed.coordinator.cfg.local
+    return local.total_steps(0) * local.batch_size
 
 
 @pytest.mark.parametrize("case", VALIDATION_CASES)
@@ -517,6 +562,65 @@ def test_an_update_whose_declared_raw_size_lies_is_dead_lettered(fed):
     fed.publish_message(fed.update("raw-bytes-lie", raw_bytes=10 ** 12), "raw-bytes-lie")
     fed.apply_good_update(mark)
     fed.dead_letters(["raw-bytes-lie"])
+
+
+# -- identity and tasks: who the broker vouches for, and what the coordinator issued (docs/security.md) --------
+
+def test_an_update_claiming_another_worker_is_dead_lettered(fed):
+    """Worker node `faulty` (its broker user) signs an update as node `honest`: refused, whatever the body says."""
+    mark = fed.mark()
+    fed.publish_message(fed.update("impostor", worker_id="honest/cpu"), "impostor")
+    fed.apply_good_update(mark)
+    fed.dead_letters(["impostor"])
+    changes = fed.changes(mark)
+    assert changes["consumer"] == {"InvalidField": 1} and changes["accepted"] == 1 and changes["rejected"] == {}
+    fed.logged(mark, "message_dead_lettered", message_id="impostor",
+               reason=f"claims worker 'honest/cpu', but the broker vouches for user mqfed-{fed.topo.experiment}-worker-faulty")
+
+
+def test_an_update_without_a_user_id_is_dead_lettered(fed):
+    mark = fed.mark()
+    fed.pub.basic_publish(fed.topo.update_exchange, fed.topo.UPDATES_KEY, messages.encode(fed.update("anonymous")),
+                          pika.BasicProperties(delivery_mode=2, message_id="anonymous"), mandatory=True)
+    fed.apply_good_update(mark)
+    fed.dead_letters(["anonymous"])
+    fed.logged(mark, "message_dead_lettered", message_id="anonymous", reason="has no user_id property")
+
+
+def test_an_update_for_a_task_this_run_never_issued_is_dead_lettered(fed):
+    from coordinator.dispatch import Dispatcher
+
+    mark = fed.mark()
+    real = fed.signed("forgery-template")
+    n, v, _mac = real[1:].split("-")
+    forged = {"unsigned": "good-1", "zero-mac": f"t{n}-{v}-{'0' * 16}",
+              "other-version": f"t{n}-v{int(v[1:]) + 1}-{real.rsplit('-', 1)[1]}",
+              "other-secret": Dispatcher(secret=b"not the run's").task_id(1, 0)}
+    for case, task_id in forged.items():
+        fed.publish(messages.encode(dataclasses.replace(fed.update(case), task_id=task_id)), case)
+    fed.apply_good_update(mark)
+    fed.dead_letters(list(forged))
+    changes = fed.changes(mark)
+    assert changes["consumer"] == {"InvalidField": len(forged)} and changes["accepted"] == 1
+    for case in forged:
+        fed.logged(mark, "message_dead_lettered", message_id=case, reason="was not issued by this run")
+
+
+def test_a_task_answered_twice_is_applied_once(fed):
+    """The same payload for the same task sent again as another of the node's devices: the task is answered;
+    the copy is acknowledged, counted and dropped (answered_dropped), not applied."""
+    mark = fed.mark()
+    first = fed.update("answered-twice")
+    fed.publish_message(first, "answered-twice-1")
+    fed.publish_message(dataclasses.replace(first, worker_id="faulty/cuda:0"), "answered-twice-2")
+    fed.apply_good_update(mark, first)
+    flush = fed.mark()
+    fed.apply_good_update(flush)  # FIFO: the copy was handled before this one
+    fed.dead_letters([])
+    changes = fed.changes(mark)
+    assert changes["counters"] == {"answered_dropped": 1} and changes["accepted"] == 2, changes
+    assert sum(first.task_id in v["tasks"] for v in fed.versions) == 1
+    assert fed.logged(mark, "update_rejected", task_id=first.task_id, worker_id="faulty/cuda:0")["reason"] == "answered"
 
 
 # -- size limits ---------------------------------------------------------------------------------------------

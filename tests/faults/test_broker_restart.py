@@ -42,7 +42,8 @@ def _federation(broker, tmp_path: Path, corpus: Path) -> LocalFederation:
     cfg = load_config(ExperimentConfig, env={}, overrides={
         "experiment.name": "broker-restart", "experiment.run_dir": str(tmp_path / "run"), "data.path": str(corpus),
         **SETTINGS})
-    return LocalFederation(cfg, corpus, [{"shard": "iid:1/2"}, {"shard": "iid:2/2"}], env={"AMQP_URL": broker.url})
+    return LocalFederation(cfg, corpus, [{"shard": "iid:1/2"}, {"shard": "iid:2/2"}], least_privilege=True,
+                           env={"AMQP_URL": broker.url, "MQFED_MANAGEMENT_URL": broker.management_url})
 
 
 def _log(path: Path) -> list[dict]:
@@ -142,7 +143,7 @@ def _session_like_the_daemons(url: str, topo, cache: Path, version: int) -> None
             store.fetch(announcement=latest)
         store.publish(version, b"m" * 4096)
         task = messages.EvaluateTask(topo.experiment, f"t{version}", 0, "validation", time.time() + 60)
-        publish_message(pub, topo.work_exchange, topo.TASKS_KEY, task)
+        publish_message(pub, topo.task_exchange, topo.TASKS_KEY, task)
         tasks = conn.channel()
         method, _props, _body = tasks.basic_get(topo.tasks)
         if method is not None:
@@ -256,8 +257,9 @@ def test_a_connection_lost_right_after_a_version_leaves_the_version_in_the_run_r
             delta = {n: torch.full_like(t, 1e-4 * (i + 1)) for n, t in coordinator.state.items()
                      if t.is_floating_point()}
             enc = codecs.encode(delta, "none")
-            publish_message(ch, topo.work_exchange, topo.UPDATES_KEY, messages.Update(
-                topo.experiment, f"task-{i}", f"w{i}/cpu", 0, 10, {}, enc.codec, enc.raw_bytes, enc.wire_bytes,
+            publish_message(ch, topo.update_exchange, topo.UPDATES_KEY, messages.Update(
+                topo.experiment, coordinator.dispatcher.task_id(100 + i, 0), f"w{i}/cpu", 0, 10, {}, enc.codec,
+                enc.raw_bytes, enc.wire_bytes,
                 messages.PayloadRef(inline=enc.data)))
     finally:
         conn.close()

@@ -42,7 +42,7 @@ def _federation(experiment, tmp_path, corpus, workers: list[dict], **settings) -
     cfg = load_config(ExperimentConfig, env={}, overrides={
         "experiment.name": experiment.experiment, "experiment.run_dir": str(tmp_path / "run"),
         "data.path": str(corpus), **FAST, **settings})
-    _FEDERATIONS.append(LocalFederation(cfg, corpus, workers))
+    _FEDERATIONS.append(LocalFederation(cfg, corpus, workers, least_privilege=True))
     return _FEDERATIONS[-1]
 
 
@@ -115,9 +115,10 @@ def test_worker_killed_between_publishing_its_update_and_acking_its_task(experim
     _assert_consistent(fed, 8)
     applied = _applied(fed)
     # Its update was confirmed before it died: applied once. The broker gave the unacknowledged task to w2,
-    # whose update for it is a different update (its own data), applied once too.
-    assert applied.count((held, "w1/cpu")) == 1
-    assert (held, "w2/cpu") in applied
+    # whose update answers a task answered already: acknowledged and dropped (a task is answered once).
+    assert applied.count((held, "w1/cpu")) == 1 and [t for t, _ in applied].count(held) == 1
+    redone = [e for e in fed.events("coordinator.log", "update_rejected") if e["task_id"] == held]
+    assert [(e["worker_id"], e["reason"]) for e in redone] in ([], [("w2/cpu", "answered")])
 
 
 def test_coordinator_killed_mid_aggregation_resumes_and_applies_nothing_twice(experiment, small_corpus_dir, tmp_path):
@@ -262,8 +263,9 @@ def _leftover(fed: LocalFederation, queue: str) -> list:
 
 def _account(fed: LocalFederation) -> None:
     """Every update a worker published under confirms ends applied exactly once, buffered in the final
-    checkpoint, dropped as stale (valid, but too late: acknowledged and counted) or still in the updates
-    queue; none is dead-lettered."""
+    checkpoint, dropped as stale (valid, but too late: acknowledged and counted) or as answered (its task
+    had an accepted update already: another trainer redid a task whose first worker died before its ack),
+    or still in the updates queue; none is dead-lettered."""
     from common.wire import messages
 
     published = [(e["task_id"], e["worker"]) for spec in fed.worker_specs
@@ -276,9 +278,9 @@ def _account(fed: LocalFederation) -> None:
     dead = _leftover(fed, f"mqfed.{fed.name}.dead-letters")
     assert [m for m in dead if isinstance(m, messages.Update)] == [], "an update was dead-lettered"
     assert len(applied) == len(set(applied)), "an update was applied twice"
-    stale = [(e["task_id"], e["worker_id"]) for e in fed.events("coordinator.log", "update_rejected")
-             if e["reason"] == "stale"]
-    ends = applied + buffered + waiting + stale
+    dropped = [(e["task_id"], e["worker_id"]) for e in fed.events("coordinator.log", "update_rejected")
+               if e["reason"] in ("stale", "answered")]
+    ends = applied + buffered + waiting + dropped
     lost = sorted(set(published) - set(ends))
     assert lost == [], f"confirmed updates neither applied, buffered nor waiting: {lost}"
     assert sorted(set(ends) - set(published)) == [], "an update was applied that no worker confirmed"

@@ -127,8 +127,8 @@ def test_wav2vec2_base_federation_survives_a_broker_restart(private_broker, tiny
     cfg = load_config(ExperimentConfig, env={}, overrides={
         "experiment.name": "realsize-restart", "experiment.run_dir": str(tmp_path / "run"),
         "data.path": str(tiny_corpus_dir), **REAL_SIZE})
-    fed = LocalFederation(cfg, tiny_corpus_dir, [{"shard": "iid:1/2"}, {"shard": "iid:2/2"}],
-                          env={"AMQP_URL": private_broker.url})
+    fed = LocalFederation(cfg, tiny_corpus_dir, [{"shard": "iid:1/2"}, {"shard": "iid:2/2"}], least_privilege=True,
+                          env={"AMQP_URL": private_broker.url, "MQFED_MANAGEMENT_URL": private_broker.management_url})
     _FEDERATIONS.append(fed)
     fed.start()
     fed.wait_for(lambda: len(fed.versions()) >= 1, 900, "a version")

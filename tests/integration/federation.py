@@ -19,7 +19,7 @@ def experiment_config(name: str, run_dir: Path, data: Path, **settings):
 
 def federation(name: str, tmp_path: Path, data: Path, shards: list[str], **settings) -> LocalFederation:
     cfg = experiment_config(name, tmp_path / "run", data, **settings)
-    return LocalFederation(cfg, data, [{"shard": s} for s in shards])
+    return LocalFederation(cfg, data, [{"shard": s} for s in shards], least_privilege=True)
 
 
 def applied_keys(fed: LocalFederation) -> list[tuple[str, str]]:

@@ -83,9 +83,10 @@ def test_a_duplicated_update_is_applied_once(experiment, small_corpus_dir, tmp_p
         return messages.Update(experiment.experiment, task_id, worker, 0, 10, {}, enc.codec, enc.raw_bytes,
                                enc.wire_bytes, messages.PayloadRef(inline=enc.data))
 
-    first = update("task-a", "w1/cpu", 1e-3)
-    for msg in (first, first, update("task-b", "w2/cpu", 3e-3)):
-        publish_message(ch, experiment.work_exchange, experiment.UPDATES_KEY, msg)
+    task_a, task_b = (coordinator.dispatcher.task_id(n, 0) for n in (101, 102))  # as the coordinator signs them
+    first = update(task_a, "w1/cpu", 1e-3)
+    for msg in (first, first, update(task_b, "w2/cpu", 3e-3)):
+        publish_message(ch, experiment.update_exchange, experiment.UPDATES_KEY, msg)
     thread.join(timeout=120)
     conn.close()
     assert not thread.is_alive()
@@ -95,7 +96,7 @@ def test_a_duplicated_update_is_applied_once(experiment, small_corpus_dir, tmp_p
     # The applied step is the mean of the two distinct deltas (sample weights equal): 2e-3 on every entry.
     name = next(n for n, t in base.items() if t.is_floating_point())
     assert torch.allclose(coordinator.state[name], base[name] + 2e-3, atol=1e-6)
-    assert coordinator.record.lines()[0]["tasks"] == ["task-a", "task-b"]
+    assert coordinator.record.lines()[0]["tasks"] == [task_a, task_b]
 
 
 def test_coordinator_killed_mid_run_resumes_from_its_checkpoint_and_applies_nothing_twice(experiment, small_corpus_dir,

@@ -40,7 +40,7 @@ def test_every_message_type_round_trips_through_the_broker(connection, topo):
     ch = connection.channel()
     ch.confirm_delivery()
     for msg in EXAMPLES:
-        publish_message(ch, topo.work_exchange, topo.TASKS_KEY, msg)
+        publish_message(ch, topo.task_exchange, topo.TASKS_KEY, msg)
     got = []
     consumer = MessageConsumer(ch, topo.tasks, lambda d: got.append(d.message) or Outcome.ACK)
     _drain(connection, consumer, lambda: len(got) == len(EXAMPLES))
@@ -53,13 +53,13 @@ def test_update_with_chunked_payload_reaches_the_handler(connection, topo):
     payload = os.urandom(3 * 1024 * 1024 + 17)
 
     def send(body, headers):
-        ch.basic_publish(topo.work_exchange, topo.UPDATES_KEY, bytes(body),
+        ch.basic_publish(topo.update_exchange, topo.UPDATES_KEY, bytes(body),
                          pika.BasicProperties(headers=headers, delivery_mode=2), mandatory=True)
 
     info = publish_chunked(send, payload, chunk_size=1024 * 1024)
     upd = m.Update(topo.experiment, "t9", "w1", 0, 10, {}, "fp32", len(payload), len(payload),
                    m.PayloadRef(transfer_id=info.transfer_id))
-    publish_message(ch, topo.work_exchange, topo.UPDATES_KEY, upd)
+    publish_message(ch, topo.update_exchange, topo.UPDATES_KEY, upd)
     got = []
     consumer = MessageConsumer(ch, topo.updates, lambda d: got.append((d.message, d.payload.read_bytes())) or Outcome.ACK,
                                reassembler=Reassembler())
@@ -87,9 +87,9 @@ def test_malformed_and_unknown_version_go_to_dlq_and_consumer_keeps_running(conn
     bad_version = msgpack.packb({"t": "heartbeat", "v": 999, "experiment": "e", "node": "n", "device": "d",
                                  "sent_unix": 1.0})
     for body in (b"\xc1not msgpack", bad_version):
-        ch.basic_publish(topo.work_exchange, topo.TASKS_KEY, body, pika.BasicProperties(delivery_mode=2))
+        ch.basic_publish(topo.task_exchange, topo.TASKS_KEY, body, pika.BasicProperties(delivery_mode=2))
     good = EXAMPLES[5]
-    publish_message(ch, topo.work_exchange, topo.TASKS_KEY, good)
+    publish_message(ch, topo.task_exchange, topo.TASKS_KEY, good)
     got = []
     consumer = MessageConsumer(ch, topo.tasks, lambda d: got.append(d.message) or Outcome.ACK)
     _drain(connection, consumer, lambda: bool(got))
@@ -108,7 +108,7 @@ def _publish_chunks(ch, topo, payload, chunk_size, mutate=None):
     if mutate:
         msgs = mutate(msgs)
     for body, h in msgs:
-        ch.basic_publish(topo.work_exchange, topo.UPDATES_KEY, body,
+        ch.basic_publish(topo.update_exchange, topo.UPDATES_KEY, body,
                          pika.BasicProperties(headers=h, delivery_mode=2), mandatory=True)
     return info
 
@@ -186,7 +186,7 @@ def test_400mb_payload_arrives_byte_exact_with_bounded_receiver_memory(connectio
     ch.confirm_delivery()
 
     def send(body, headers):
-        ch.basic_publish(topo.work_exchange, topo.UPDATES_KEY, bytes(body),
+        ch.basic_publish(topo.update_exchange, topo.UPDATES_KEY, bytes(body),
                          pika.BasicProperties(headers=headers, delivery_mode=2), mandatory=True)
 
     info = publish_chunked(send, str(src), chunk_size=chunk)

@@ -566,6 +566,12 @@ def test_loading_state_for_a_different_model_fails():
         ({"max_update_norm": 0.0}, "max_update_norm"),
         ({"max_update_norm": float("nan")}, "max_update_norm"),
         ({"sample_weighting": "yes"}, "sample_weighting"),
+        ({"norm_bound_factor": 0.0}, "norm_bound_factor"),
+        ({"norm_bound_factor": float("inf")}, "norm_bound_factor"),
+        ({"norm_bound_window": 0}, "norm_bound_window"),
+        ({"norm_bound_window": None}, "norm_bound_window"),
+        ({"norm_bound_initial": -1.0}, "norm_bound_initial"),
+        ({"norm_bound_initial": float("nan")}, "norm_bound_initial"),
     ],
 )
 def test_invalid_aggregator_config_is_rejected_naming_the_field(kwargs, field):
@@ -579,6 +585,7 @@ def test_aggregator_config_defaults_are_the_experiment_defaults():
     cfg = AggregatorConfig()
     assert (cfg.buffer_size, cfg.max_staleness, cfg.staleness, cfg.staleness_a, cfg.sample_weighting,
             cfg.max_update_norm) == (2, 10, "polynomial", 0.5, True, None)
+    assert (cfg.norm_bound_factor, cfg.norm_bound_window, cfg.norm_bound_initial) == (10.0, 50, 10.0)
     assert FedBuffSection().aggregator_config() == cfg
 
 

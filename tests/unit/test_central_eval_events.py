@@ -30,7 +30,8 @@ def coordinator(tiny_corpus_dir, tmp_path, torch_single_thread):
 def _event(coord, version: int, accuracy: float, loss: float) -> None:
     body = messages.encode(messages.Metrics("evals", "evaluator", version, {"accuracy": accuracy, "loss": loss},
                                             time.time()))
-    coord._on_event(None, types.SimpleNamespace(routing_key="metrics.evaluator"), None, body)
+    coord._on_event(None, types.SimpleNamespace(routing_key="metrics.evaluator"),
+                    types.SimpleNamespace(user_id="mqfed-evals-coordinator"), body)
 
 
 @pytest.mark.parametrize("version, accuracy, loss", [(2, 7.0, 0.5), (2, -0.1, 0.5), (2, 0.5, math.nan),

@@ -307,3 +307,40 @@ def test_resuming_a_sync_state_in_async_mode_frees_the_done_round_slots():
     again = Dispatcher("sync", concurrency=3, deadline_s=20.0)
     again.load_state_dict(resumed.state_dict())
     assert again.to_issue(5, T0 + 2) == [] and len(again.to_issue(6, T0 + 3)) == 3
+
+
+# -- signed task ids (docs/security.md) --------------------------------------------------------------------------
+
+def test_task_ids_are_signed_and_checked():
+    d = Dispatcher("async", concurrency=2, deadline_s=60.0, secret=b"k1")
+    a, b = d.to_issue(3, 0.0)
+    assert d.check(a.task_id, 3, 10) is None and d.check(b.task_id, 3, 10) is None
+    other = Dispatcher("async", concurrency=1, deadline_s=60.0, secret=b"k2")
+    assert d.check(other.to_issue(3, 0.0)[0].task_id, 3, 10) == "forged"  # another run's (another secret)
+    n, v, mac = a.task_id[1:].split("-")
+    for forged in (f"t{n}-v{int(v[1:]) + 1}-{mac}", f"t{int(n) + 1:06d}-{v}-{mac}", a.task_id + "0", "good-1", "",
+                   a.task_id.upper(), f"t{n}-{v}-{'0' * 16}"):
+        assert d.check(forged, 3, 10) == "forged", forged
+
+
+def test_a_task_is_answered_once_and_old_tasks_are_stale():
+    d = Dispatcher("async", concurrency=1, deadline_s=60.0, secret=b"k")
+    (t,) = d.to_issue(5, 0.0)
+    d.finished(t.task_id, True, 5)
+    assert d.check(t.task_id, 5, 10) == "answered"
+    (u,) = d.to_issue(5, 0.0)
+    assert d.check(u.task_id, 16, 10) == "stale" and d.check(u.task_id, 15, 10) is None
+    assert d.check(u.task_id, 10**6, None) is None  # no staleness limit
+    d.forget_answered(15, 10)
+    assert t.task_id in d.answered  # issued at 5 >= 15 - 10
+    d.forget_answered(16, 10)
+    assert d.answered == {}
+
+
+def test_answered_tasks_survive_a_checkpoint():
+    d = Dispatcher("async", concurrency=1, deadline_s=60.0, secret=b"k")
+    (t,) = d.to_issue(0, 0.0)
+    d.finished(t.task_id, True, 0)
+    e = Dispatcher("async", concurrency=1, deadline_s=60.0, secret=b"k")
+    e.load_state_dict(d.state_dict())
+    assert e.check(t.task_id, 0, 10) == "answered"
