@@ -58,12 +58,14 @@ class LocalFederation:
         self.processes: list[subprocess.Popen] = []  # everything started, replaced workers and replicas included
         self.least_privilege = least_privilege
         self.urls: dict[str, str] = {}  # "coordinator" or a worker node -> its AMQP_URL (least_privilege)
+        self.urls_removed = False
 
     def _url(self, who: str) -> dict[str, str]:
         """AMQP_URL for `who` (the coordinator or a worker node): its own broker user, made on first use."""
         if not self.least_privilege:
             return {}
-        if who not in self.urls:
+        if who not in self.urls or self.urls_removed:
+            self.urls_removed = False
             from broker import admin, definitions, topology
 
             topo, base = topology.Topology(self.name), self.env.get("AMQP_URL")
@@ -83,7 +85,7 @@ class LocalFederation:
         for who in list(self.urls):
             api.delete_user(definitions.coordinator_user(topo) if who == "coordinator"
                             else definitions.worker_user(topo, who))
-            del self.urls[who]
+        self.urls_removed = True
 
     def _spawn(self, argv: list[str], log_name: str, **env: str) -> subprocess.Popen:
         log = open(self.run_dir / log_name, "ab")
@@ -184,7 +186,7 @@ class LocalFederation:
         workers = [p for p in self.processes if p.args[2] == "worker.cli"]  # args: python -m <module> ...
         self.signal(workers)
         self.signal([p for p in self.processes if p not in workers])
-        if self.urls:
+        if self.urls and not self.urls_removed:
             self.remove_users()
 
     def __enter__(self) -> "LocalFederation":

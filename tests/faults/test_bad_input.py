@@ -623,6 +623,34 @@ def test_a_task_answered_twice_is_applied_once(fed):
     assert fed.logged(mark, "update_rejected", task_id=first.task_id, worker_id="faulty/cuda:0")["reason"] == "answered"
 
 
+def test_a_flood_of_hostile_events_is_bounded_and_leaves_the_coordinator_serving(fed):
+    """Worker `faulty` floods the events exchange with what its topic permission lets through (keys
+    `*.faulty`): megabyte bodies, registrations and metrics in another node's name, metrics nobody asked for.
+    All are dropped and counted; the coordinator knows `faulty` only; its log grows by a handful of lines."""
+    mark = fed.mark()
+    before = dict(fed.coordinator.events.dropped)
+    ex, n = fed.topo.events, 200
+    big = messages.encode(messages.Heartbeat(fed.topo.experiment, "faulty", "x" * (1 << 20), 0.0))
+    forged = messages.encode(messages.Registration(fed.topo.experiment, "honest", ["cpu"], "iid:1/1", 10))
+    unasked = messages.encode(messages.Metrics(fed.topo.experiment, "faulty/cpu", 10**6, {"val_accuracy": 1.0}, 0.0))
+    evaluator = messages.encode(messages.Metrics(fed.topo.experiment, "evaluator", 0, {"accuracy": 1.0, "loss": 0.0},
+                                                 0.0))
+    props = pika.BasicProperties(user_id=sender(fed.pub))
+    for _ in range(n):
+        for key, body in (("heartbeat.faulty", big), ("registration.faulty", forged), ("metrics.faulty", unasked),
+                          ("metrics.faulty", evaluator)):
+            fed.pub.basic_publish(ex, key, body, props)
+    fed.pub.basic_publish(ex, "registration.faulty", messages.encode(messages.Registration(
+        fed.topo.experiment, "faulty", ["cpu"], "iid:1/1", 10)), props)
+    fed.wait(lambda: "faulty" in fed.coordinator.events.workers, "the honest registration")
+    fed.apply_good_update(mark)
+    dropped = collections.Counter(fed.coordinator.events.dropped) - collections.Counter(before)
+    assert dropped == {"too_large": n, "forged_node": n, "unrequested_metrics": n, "forged_evaluator": n}, dropped
+    assert set(fed.coordinator.events.workers) == {"faulty"}
+    assert fed.coordinator.best["accuracy"] < 1.0  # the forged evaluation did not count
+    assert len(fed.events(mark, "events_dropped")) <= 12  # 1, 2, 4, ... of 4 n + the module's earlier ones
+
+
 # -- size limits ---------------------------------------------------------------------------------------------
 
 def test_a_message_above_max_message_bytes_is_refused_by_the_decoder_and_dead_lettered(fed):

@@ -47,10 +47,11 @@ def vhost(broker_url):
 def test_definitions_import_and_worker_permissions_hold(vhost):
     exp = f"defs-{uuid.uuid4().hex[:6]}"
     out = subprocess.run([sys.executable, "-m", "broker.cli", "definitions", "--experiment", exp, "--vhost", vhost,
-                          "--worker-password", "w-secret", "--coordinator-password", "c-secret"],
+                          "--worker", "n1=w-secret", "--coordinator-password", "c-secret"],
                          capture_output=True, text=True, check=True)
     doc = json.loads(out.stdout)
-    users = definitions.user_names(topology.Topology(exp))
+    users = {"worker": definitions.worker_user(topology.Topology(exp), "n1"),
+             "coordinator": definitions.coordinator_user(topology.Topology(exp))}
     try:
         status, _ = _api("POST", "/api/definitions", doc)
         assert status in (200, 201, 204)
@@ -66,7 +67,7 @@ def test_definitions_import_and_worker_permissions_hold(vhost):
         conn = pika.BlockingConnection(params)
         ch = conn.channel()
         topology.declare(ch, topo, passive=True)  # workers only check
-        ch.basic_publish(topo.events, "heartbeat.n1", b"x")  # allowed
+        ch.basic_publish(topo.events, "heartbeat.n1", b"x")  # allowed: its own node's events
         with pytest.raises(pika.exceptions.ChannelClosedByBroker) as denied:
             ch.queue_declare("not-allowed", durable=True)  # workers configure nothing
         assert denied.value.reply_code == 403
@@ -74,6 +75,11 @@ def test_definitions_import_and_worker_permissions_hold(vhost):
         with pytest.raises(pika.exceptions.ChannelClosedByBroker) as denied:
             ch.basic_consume(topo.updates, lambda *a: None)  # updates are the coordinator's
         assert denied.value.reply_code == 403
+        ch = conn.channel()
+        ch.confirm_delivery()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as denied:
+            ch.basic_publish(topo.events, "heartbeat.n2", b"x")  # the imported topic permission holds
+        assert denied.value.reply_code == 403 and "heartbeat.n2" in denied.value.reply_text
         conn.close()
     finally:
         for u in users.values():

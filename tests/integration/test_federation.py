@@ -47,6 +47,11 @@ def test_federation_of_two_worker_processes_trains_to_the_target_accuracy(experi
     assert (export / "config.json").exists() and (export / "preprocessor_config.json").exists()
     keys = federation.applied_keys(fed)
     assert len(keys) == len(set(keys)), "an update was applied twice"
+    # It ran as the generated users (one per worker node), and what it wrote is its owner's only.
+    assert set(fed.urls) == {"coordinator", "w1", "w2"}
+    exposed = [str(p) for p in fed.run_dir.rglob("*") if p.stat().st_mode & 0o077
+               and p.name not in ("experiment.toml", "coordinator.log", "evaluator.log") and not p.name.startswith("worker-")]
+    assert exposed == [], f"readable by others: {exposed[:5]}"
 
 
 def test_a_duplicated_update_is_applied_once(experiment, small_corpus_dir, tmp_path):
