@@ -259,7 +259,7 @@ class Trainer:
         model = self._model_for(*key)
         version, base = self._fetch(task.min_version)
         check_deadline(task, "fetching")
-        _load_state(self, model, key, version, base)
+        self._load_state(model, key, version, base)
         log.info("task_started", task_id=task.task_id, worker=self.worker_id, base_version=version,
                  min_version=task.min_version)
         # Every task its own seed (batch order, augmentation), repeatable from the experiment's seed.
@@ -313,6 +313,23 @@ class Trainer:
                  loss=round(result.loss, 4), seconds=round(result.seconds, 2), wire_bytes=encoded.wire_bytes,
                  ratio=round(encoded.ratio, 1))
 
+    def _load_state(self, model: torch.nn.Module, key: tuple, version: int, state: dict[str, torch.Tensor]) -> None:
+        """Load model version `version` into `model` and keep it as `self.model` for `key` (what the task
+        named). A version that does not fit (a task naming another model than the one trained: missing keys,
+        other shapes) raises ModelLoadError; `load_state_dict` has copied what fitted by then, so a cached model
+        it half-loaded is dropped, and the next task starts from a clean build. A model that was never cached
+        (built for this task) is simply not kept: the trainer's previous model stays as it was."""
+        try:
+            model.load_state_dict(state)
+        except Exception as exc:
+            if model is self.model:
+                self.model, self.model_key = None, None
+            if isinstance(exc, RuntimeError):  # what load_state_dict raises for missing keys and other shapes
+                why = " ".join(line.strip() for line in str(exc).splitlines()[:3])[:500]
+                raise ModelLoadError(f"model version {version} does not fit model {key[0]!r}: {why}") from exc
+            raise
+        self.model, self.model_key = model, key
+
     def _residual_for(self, run_id: str) -> ErrorFeedback:
         """The error-feedback residual of run `run_id`: restored from disk when saved by that run, else zero."""
         owner = f"{self.w.experiment}@{run_id}"
@@ -330,7 +347,7 @@ class Trainer:
         model = self._model_for(*key)
         version, base = self._fetch(task.version)
         check_deadline(task, "fetching")
-        _load_state(self, model, key, version, base)
+        self._load_state(model, key, version, base)
 
         def on_batch(done, total):
             if self.stop_event.is_set() or self.abort.is_set():
@@ -342,24 +359,6 @@ class Trainer:
         self._publish_event("metrics", messages.Metrics(
             self.w.experiment, self.worker_id, version,
             {"val_accuracy": result.accuracy, "val_loss": result.loss, "val_samples": float(result.samples)}, time.time()))
-
-
-def _load_state(trainer, model: torch.nn.Module, key: tuple, version: int, state: dict[str, torch.Tensor]) -> None:
-    """Load model version `version` into `model` and keep it as `trainer.model` for `key` (what the task
-    named). A version that does not fit (a task naming another model than the one trained: missing keys,
-    other shapes) raises ModelLoadError; `load_state_dict` has copied what fitted by then, so a cached model
-    it half-loaded is dropped, and the next task starts from a clean build. A model that was never cached
-    (built for this task) is simply not kept: the trainer's previous model stays as it was."""
-    try:
-        model.load_state_dict(state)
-    except Exception as exc:
-        if model is trainer.model:
-            trainer.model, trainer.model_key = None, None
-        if isinstance(exc, RuntimeError):  # what load_state_dict raises for missing keys and other shapes
-            why = " ".join(line.strip() for line in str(exc).splitlines()[:3])[:500]
-            raise ModelLoadError(f"model version {version} does not fit model {key[0]!r}: {why}") from exc
-        raise
-    trainer.model, trainer.model_key = model, key
 
 
 # -- process management ------------------------------------------------------------------------------------

@@ -320,7 +320,7 @@ def test_daemons_told_to_stop_while_the_broker_is_down_exit_cleanly(private_brok
     waiting for the broker to come back (the design: the worker daemon stops cleanly on SIGTERM, under systemd too)."""
     import signal
 
-    fed = _federation(private_broker, tmp_path, small_corpus_dir)
+    fed = _federation(private_broker, tmp_path, small_corpus_dir).provision()  # users need the broker up
     private_broker.stop()
     fed.start()
     logs = ["coordinator.log", "evaluator.log", "worker-w1.log", "worker-w2.log"]
