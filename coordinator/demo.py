@@ -40,7 +40,7 @@ DEMO_SETTINGS = {
 def main(args: argparse.Namespace) -> int:
     from broker import ensure, topology
     from common.data import corpus
-    from common.transport.connection import amqp_url, connect
+    from common.transport.connection import amqp_url, broker_user, connect
     from coordinator.experiment import load_experiment
 
     if not ensure.ensure():
@@ -52,9 +52,13 @@ def main(args: argparse.Namespace) -> int:
                 # the coordinator's clock starts after its start-up and stops before testing the export
                 "data.path": args.data, "stop.max_wall_s": max(30.0, args.minutes * 60 - 20)}
     cfg = load_experiment(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()] + list(args.set))
+    # As a deployment runs: each process as its own least-privilege broker user (docs/security.md), made
+    # through the management API when it answers; else as AMQP_URL's user.
+    users = ensure.management_answers(amqp_url())
     fed = LocalFederation(cfg, args.data, [{"shard": f"speaker:{i + 1}/{args.workers}", "node": f"demo-w{i + 1}"}
-                                           for i in range(args.workers)])
-    print(f"demo {name}: coordinator + evaluator + {args.workers} workers over {ensure.redact(amqp_url())}; logs in {fed.run_dir}")
+                                           for i in range(args.workers)], least_privilege=users)
+    print(f"demo {name}: coordinator + evaluator + {args.workers} workers over {ensure.redact(amqp_url())}"
+          f" ({'each as its own broker user' if users else 'as ' + broker_user()}); logs in {fed.run_dir}")
     print(f"management UI: http://localhost:15672 (queues mqfed.{name}.*)")
     started = time.monotonic()
     fed.start()
@@ -115,6 +119,7 @@ def _print_table(summary: dict, versions: list[dict], wall: float) -> None:
         ("mean staleness", f"{sum(stale) / len(stale):.2f}" if stale else "-"),
         ("stale dropped / duplicates / dead-lettered",
          f"{counters.get('stale_dropped')} / {counters.get('duplicates')} / {counters.get('dead_lettered')}"),
+        ("rejected by reason / refused steps", f"{counters.get('rejected') or {}} / {counters.get('step_refused', 0)}"),
         ("compression", f"{sum(e['raw_bytes'] for e in versions) / max(1, sum(e['bytes_received'] for e in versions)):.0f}x"),
         ("exported model", summary["export"]),
     ]
