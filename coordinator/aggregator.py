@@ -475,9 +475,9 @@ class Aggregator:
             b.div_(normalizer)
         delta_norm = math.sqrt(sum(_sq_norm(t) for t in mean.values()))
         try:
-            problem = self._check_step(mean)
-            if problem is None:
-                self.optimizer.step(mean, in_place=True)  # the buffer is the gradient: no model-sized copy
+            problem = self._check_step(mean, delta_norm)
+            if problem is None:  # the buffer is the gradient: no model-sized copy
+                self.optimizer.step(mean, in_place=True, delta_l2=delta_norm)
         except Exception:
             for b in mean.values():  # leave the buffer as it was (up to rounding) for a retry
                 b.mul_(normalizer)
@@ -568,6 +568,7 @@ class Aggregator:
             with torch.no_grad():
                 for name, saved in model.items():
                     self.state[name].copy_(saved)
+            self.optimizer.forget_magnitudes()
         self.version = int(state["version"])
         counters = state["counters"]
         self.counters = {**_new_counters(), **counters, "rejected": dict(counters.get("rejected", {}))}
@@ -590,12 +591,13 @@ class Aggregator:
 
     # -- internals ----------------------------------------------------------------------------------------
 
-    def _check_step(self, mean: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
-        """(reason, detail) when the step along ``mean`` must be refused, else None. Changes nothing."""
-        for name, b in mean.items():
-            if not bool(torch.isfinite(b).all()):
-                return "mean_not_finite", f"the mean delta of {name!r} is not finite"
-        return self.optimizer.check_step(mean)
+    def _check_step(self, mean: Mapping[str, torch.Tensor], norm: float) -> tuple[str, str] | None:
+        """(reason, detail) when the step along ``mean`` (L2 norm ``norm``, accumulated in float64, so finite
+        exactly when every entry is) must be refused, else None. Changes nothing."""
+        if not math.isfinite(norm):
+            name = next(n for n, b in mean.items() if not bool(torch.isfinite(b).all()))
+            return "mean_not_finite", f"the mean delta of {name!r} is not finite"
+        return self.optimizer.check_step(mean, delta_l2=norm)
 
     def _refuse(self, reason: str, detail: str) -> RefusedStep:
         """Empty the buffer without applying it (see `aggregate`)."""

@@ -21,6 +21,7 @@ time, to learn whether the step would leave anything non-finite before the real 
 from __future__ import annotations
 
 import copy as _copy
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -96,12 +97,13 @@ class ServerOptimizer:
         if not self._params:
             raise ValueError("server optimizer needs at least one floating-point parameter")
         self._optimizer = SERVER_OPTIMIZERS[config.name](self._params, config)
+        self._bounds: tuple[float, float] | None = None  # see _magnitudes
 
     @property
     def names(self) -> list[str]:
         return list(self._names)
 
-    def step(self, delta: Mapping[str, torch.Tensor], in_place: bool = False) -> None:
+    def step(self, delta: Mapping[str, torch.Tensor], in_place: bool = False, delta_l2: float | None = None) -> None:
         """Move the parameters along ``delta`` (``trained - base`` direction) through the optimizer.
 
         delta: name -> tensor for every parameter name (same shapes; cast to each parameter's dtype and
@@ -109,8 +111,12 @@ class ServerOptimizer:
             changed in either case.
         in_place: use the delta tensors themselves as the (negated) gradients where dtype and device allow,
             instead of a model-sized copy; they hold ``delta`` again when this returns or raises.
+        delta_l2: the delta's L2 norm, to carry the magnitude bounds of `check_step` (else they are
+            measured again at the next check).
         """
         self._check_delta(delta)
+        after = self._bounded_step(delta_l2) if delta_l2 is not None else None
+        self._bounds = None  # unknown until the step is through
         borrowed = []
         for name, p in zip(self._names, self._params):
             d = delta[name].detach()
@@ -121,23 +127,29 @@ class ServerOptimizer:
                 p.grad = d.to(device=p.device, dtype=p.dtype).neg()
         try:
             self._optimizer.step()
+            self._bounds = after
         finally:
             for p in self._params:
                 p.grad = None
             for d in borrowed:
                 d.neg_()
 
-    def check_step(self, delta: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
+    def check_step(self, delta: Mapping[str, torch.Tensor], delta_l2: float | None = None) -> tuple[str, str] | None:
         """Would ``step(delta)`` leave a non-finite parameter or optimizer state? Changes nothing.
 
-        A dry run: for one parameter at a time, a fresh optimizer of the same kind and settings steps a copy
-        of it (and a copy of its state) along its delta, by the same torch code as ``step``, and the results
-        are checked. Returns None when all would be finite, else ``("param_not_finite" |
-        "state_not_finite", detail)`` for the first that would not. Memory: one parameter, its state and its
-        gradient at a time, never a model-sized copy. Raises like ``step`` on a missing name or a shape.
+        For ``sgd`` and ``momentum`` given `delta_l2` (the delta's L2 norm, which bounds its largest entry),
+        bounds on the largest magnitudes settle it without touching the tensors (`_bounded_step`). Else a
+        dry run: for one parameter at a time, a fresh optimizer of the same kind and settings steps a copy
+        of it (and of its state) along its delta, by the same torch code as ``step``, and the results are
+        checked. Returns None when all would be finite, else
+        ``("param_not_finite" | "state_not_finite", detail)`` for the first that would not. Memory: one
+        parameter, its state and its gradient at a time, never a model-sized copy. Raises like ``step`` on a
+        missing name or a shape.
         """
         self._check_delta(delta)
         hyper = {k: v for k, v in self._optimizer.param_groups[0].items() if k != "params"}
+        if delta_l2 is not None and self._bounded_step(delta_l2) is not None:
+            return None
         for name, p in zip(self._names, self._params):
             scratch = p.detach().clone()
             dry = SERVER_OPTIMIZERS[self.config.name]([scratch], self.config)
@@ -154,6 +166,38 @@ class ServerOptimizer:
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
                     return "state_not_finite", f"optimizer state {key!r} of {name!r} would not be finite after the step"
         return None
+
+    def forget_magnitudes(self) -> None:
+        """The parameters were changed from outside (loaded): `check_step` measures them again."""
+        self._bounds = None
+
+    def _magnitudes(self) -> tuple[float, float]:
+        """(upper bounds on) the largest |parameter| and |momentum buffer| entry: exact after a pass over them
+        when unknown, else carried from step to step (`step` with `delta_l2`)."""
+        if self._bounds is None:
+            def amax(t: torch.Tensor) -> float:
+                return float(torch.linalg.vector_norm(t.detach(), ord=float("inf"))) if t.numel() else 0.0
+
+            buffers = [self._optimizer.state.get(p, {}).get("momentum_buffer") for p in self._params]
+            self._bounds = (max(map(amax, self._params)), max((amax(b) for b in buffers if b is not None), default=0.0))
+        return self._bounds
+
+    def _bounded_step(self, delta_l2: float) -> tuple[float, float] | None:
+        """For ``sgd`` and ``momentum``: the magnitude bounds after a step along a delta of L2 norm
+        `delta_l2` (which bounds its largest entry) when they stay below half the dtype's largest value, so
+        that the step cannot overflow; else None ("not proven", never "would overflow")."""
+        if self.config.name not in ("sgd", "momentum") or not math.isfinite(delta_l2):
+            return None
+        pm, bm = self._magnitudes()
+        lr = self._optimizer.param_groups[0]["lr"]
+        limit = min(torch.finfo(p.dtype).max for p in self._params) / 2
+        if self.config.name == "sgd":
+            moved, buffer = delta_l2, 0.0
+        else:
+            buffer = self.config.momentum * bm + delta_l2
+            moved = delta_l2 + self.config.momentum * buffer if self.config.nesterov else buffer
+        after = (pm + lr * moved, buffer)
+        return after if all(math.isfinite(x) and x < limit for x in after) else None
 
     def _check_delta(self, delta: Mapping[str, torch.Tensor]) -> None:
         for name, p in zip(self._names, self._params):
@@ -186,3 +230,4 @@ class ServerOptimizer:
             groups.append({**current, "params": saved["params"]})
         torch_state["param_groups"] = groups
         self._optimizer.load_state_dict(torch_state)
+        self.forget_magnitudes()

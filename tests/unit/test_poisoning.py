@@ -3,6 +3,8 @@ history), and the refused step (a mean delta, new parameter or optimizer state t
 never applied, and nothing is mutated), checked to the bit. Rules: docs/aggregation.md, "Poisoning bounds"."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -340,3 +342,27 @@ def test_a_flushed_partial_buffer_can_be_refused_too():
     assert agg.version == 0 and agg.buffered == 0 and agg.counters["step_refused"] == 1
     with pytest.raises(RuntimeError, match="empty"):
         agg.aggregate()
+
+
+@pytest.mark.parametrize("config", [ServerOptimizerConfig("sgd", lr=1.0), ServerOptimizerConfig("sgd", lr=3.0),
+                                    ServerOptimizerConfig("momentum", lr=1.0, momentum=0.9),
+                                    ServerOptimizerConfig("momentum", lr=2.0, momentum=0.5, nesterov=True)],
+                         ids=["sgd", "sgd-lr3", "momentum", "nesterov"])
+def test_the_magnitude_bounds_of_check_step_agree_with_the_dry_run(config):
+    """`check_step`'s fast path (bounds on the largest magnitudes, carried from step to step) never says
+    finite where the dry run says not: the same answers with the delta's L2 norm given and without,
+    near float32's largest value and far from it, over several steps."""
+    big = torch.finfo(torch.float32).max
+    gen = torch.Generator().manual_seed(0)
+    for scale_p, scale_d in [(1.0, 1e-3), (big / 4, big / 40), (big / 2, big / 30), (big * 0.9, big * 0.02),
+                             (1.0, big / 80), (big / 16, big / 160)]:
+        p = {"a": torch.rand(8, generator=gen) * scale_p, "b": -torch.rand(3, generator=gen) * scale_p}
+        opt = ServerOptimizer({k: v.clone() for k, v in p.items()}, config)
+        for _ in range(6):
+            d = {"a": torch.rand(8, generator=gen) * scale_d, "b": -torch.rand(3, generator=gen) * scale_d}
+            l2 = math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in d.values()))
+            fast, slow = opt.check_step(d, delta_l2=l2), opt.check_step(d)
+            assert fast == slow, (scale_p, scale_d, fast, slow)
+            if slow is not None:
+                break
+            opt.step(d, delta_l2=l2)
