@@ -273,6 +273,14 @@ def _sq_norm(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
 
 
+def _per_update(contributions) -> dict[str, tuple]:
+    """The per-update columns an AggregationRecord and a RefusedStep share, in arrival order."""
+    return {"staleness": tuple(c.staleness for c in contributions),
+            "worker_ids": tuple(c.key.worker_id for c in contributions),
+            "task_ids": tuple(c.key.task_id for c in contributions),
+            "num_samples": tuple(c.num_samples for c in contributions)}
+
+
 def _enters_history(norm: float) -> bool:
     """Whether an accepted update's norm enters the norm history: a zero norm would pull the median (and the
     bound) to 0, and no honest update has an infinite one."""
@@ -488,10 +496,7 @@ class Aggregator:
         contributions = self._contributions
         record = AggregationRecord(
             version=self.version,
-            staleness=tuple(c.staleness for c in contributions),
-            worker_ids=tuple(c.key.worker_id for c in contributions),
-            task_ids=tuple(c.key.task_id for c in contributions),
-            num_samples=tuple(c.num_samples for c in contributions),
+            **_per_update(contributions),
             weights=tuple(c.weight for c in contributions),
             normalizer=normalizer,
             delta_norm=delta_norm,
@@ -604,10 +609,7 @@ class Aggregator:
         contributions = self._contributions
         refused = RefusedStep(
             version=self.version,
-            staleness=tuple(c.staleness for c in contributions),
-            worker_ids=tuple(c.key.worker_id for c in contributions),
-            task_ids=tuple(c.key.task_id for c in contributions),
-            num_samples=tuple(c.num_samples for c in contributions),
+            **_per_update(contributions),
             reason=reason,
             detail=detail,
         )
