@@ -122,3 +122,14 @@ def test_plain_auth_is_the_default(value):
 def test_unknown_auth_is_named():
     with pytest.raises(TlsConfigError, match="AMQP_AUTH='kerberos'"):
         sasl_mechanism({"AMQP_AUTH": "kerberos"}, tls=True)
+
+
+def test_the_publishing_identity_is_the_user_the_broker_sees(certs):
+    """`broker_user` (the `user_id` every message carries): AMQP_URL's user, or under EXTERNAL the client
+    certificate's common name, which is what RabbitMQ takes as the user (ssl_cert_login_from = common_name)."""
+    from common.transport.connection import broker_user
+
+    assert broker_user("amqp://mqfed-e-worker-n1:pw@h:5672/%2F", env={}) == "mqfed-e-worker-n1"
+    assert broker_user("amqp://a%40b:pw@h/%2F", env={}) == "a@b"
+    assert broker_user("amqps://h:5671/%2F", env={"AMQP_AUTH": "external",
+                                                  "AMQP_CERT_FILE": str(certs["client"].cert)}) == "alice"
