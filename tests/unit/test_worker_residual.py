@@ -37,6 +37,8 @@ def _trainer(tmp_path, pub):
     trainer._model_for = lambda name, freeze: model
     trainer._fetch = lambda version: (0, base)
     trainer._residual_for = lambda run_id: Trainer._residual_for(trainer, run_id)
+    trainer.model = trainer.model_key = None
+    trainer._load_state = lambda *args: Trainer._load_state(trainer, *args)
 
     def wait_for(fn, *args):  # "training": a fixed step away from the base
         with torch.no_grad():
