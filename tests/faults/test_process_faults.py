@@ -152,23 +152,29 @@ def test_coordinator_killed_mid_checkpoint_write_resumes_from_the_previous_check
     assert resumed["checkpoint_version"] == 2 and resumed["replayed"] >= 2, resumed  # version 3 from the log
 
 
-def test_a_standby_coordinator_takes_over_when_the_active_one_dies(experiment, small_corpus_dir, tmp_path):
-    fed = _federation(experiment, tmp_path, small_corpus_dir, [{"shard": "iid:1/2"}, {"shard": "iid:2/2"}],
-                      **{"stop.max_versions": 10}).start()
-    fed.wait_for(lambda: len(fed.versions()) >= 3, 180, "3 versions")
-    active = fed.coordinator
-    workers = list(fed.workers.values())
+def _standby_takes_over(fed: LocalFederation, wait_s: float):
+    """Pause the workers (so that the run cannot end first), start a replica coordinator on the same run
+    directory, wait until it stands by, SIGKILL the active one, resume the workers; returns the replica."""
+    active, workers = fed.coordinator, list(fed.workers.values())
     for w in workers:
-        w.send_signal(signal.SIGSTOP)  # the run must not end before the replica stands by
+        w.send_signal(signal.SIGSTOP)
     try:
         standby = fed.start_coordinator(log_name="coordinator-standby.log")
-        fed.wait_for(lambda: fed.events("coordinator-standby.log", "coordinator_standby"), 120,
+        fed.wait_for(lambda: fed.events("coordinator-standby.log", "coordinator_standby"), wait_s,
                      "the replica to stand by")
         assert standby.poll() is None
         LocalFederation.signal([active], signal.SIGKILL)
     finally:
         for w in workers:
             w.send_signal(signal.SIGCONT)
+    return standby
+
+
+def test_a_standby_coordinator_takes_over_when_the_active_one_dies(experiment, small_corpus_dir, tmp_path):
+    fed = _federation(experiment, tmp_path, small_corpus_dir, [{"shard": "iid:1/2"}, {"shard": "iid:2/2"}],
+                      **{"stop.max_versions": 10}).start()
+    fed.wait_for(lambda: len(fed.versions()) >= 3, 180, "3 versions")
+    standby = _standby_takes_over(fed, wait_s=120)
     _run_to_end(fed)
     assert standby.returncode == 0
     _assert_consistent(fed, 10)

@@ -21,6 +21,7 @@ from faults.test_process_faults import (
     _held_task,
     _killed_before_any_checkpoint_then_resumed,
     _run_to_end,
+    _standby_takes_over,
 )
 
 pytestmark = [pytest.mark.faults, pytest.mark.realsize]
@@ -89,17 +90,7 @@ def test_wav2vec2_base_a_standby_coordinator_takes_over_when_the_active_one_dies
     fed = _federation(experiment, tmp_path, tiny_corpus_dir, [{"shard": "iid:1/2"}, {"shard": "iid:2/2"}],
                       **REAL_SIZE).start()
     fed.wait_for(lambda: len(fed.versions()) >= 1, 900, "a version")
-    active, workers = fed.coordinator, list(fed.workers.values())
-    for w in workers:
-        w.send_signal(signal.SIGSTOP)  # the run must not end before the replica stands by
-    try:
-        standby = fed.start_coordinator(log_name="coordinator-standby.log")
-        fed.wait_for(lambda: fed.events("coordinator-standby.log", "coordinator_standby"), 600,
-                     "the replica to stand by")
-        LocalFederation.signal([active], signal.SIGKILL)
-    finally:
-        for w in workers:
-            w.send_signal(signal.SIGCONT)
+    standby = _standby_takes_over(fed, wait_s=600)
     _run_to_end(fed, timeout=900)
     assert standby.returncode == 0
     _assert_consistent(fed, 4)  # with the accounting of every confirmed update
