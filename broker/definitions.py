@@ -41,8 +41,12 @@ def check_node(node: str) -> str:
     return node
 
 
+def _worker_prefix(topo: Topology) -> str:
+    return f"mqfed-{topo.experiment}-worker-"
+
+
 def worker_user(topo: Topology, node: str) -> str:
-    return f"mqfed-{topo.experiment}-worker-{check_node(node)}"
+    return _worker_prefix(topo) + check_node(node)
 
 
 def coordinator_user(topo: Topology) -> str:
@@ -126,7 +130,7 @@ def sender_of(topo: Topology, user_id: str | None) -> Sender | None:
     """The sender of a message with property `user_id` (None: the message has none, and names nobody)."""
     if not user_id:
         return None
-    prefix = f"mqfed-{topo.experiment}-worker-"
+    prefix = _worker_prefix(topo)
     if user_id.startswith(prefix) and NODE_OK.match(user_id[len(prefix):]):
         return Sender(user_id, "worker", user_id[len(prefix):])
     if user_id == coordinator_user(topo):

@@ -36,6 +36,7 @@ _NAME_OK = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 DEFAULT_MODEL_RETENTION_BYTES = 20 * 1024**3
 DEAD_LETTER_MAX_MESSAGES = 10_000  # the dead-letter queue keeps the newest (drop-head): bounded under a flood
 DEAD_LETTER_MAX_BYTES = 1024**3
+LISTENER_MAX_EVENTS = 10_000  # an event listener that falls behind loses the oldest, its memory stays bounded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,15 @@ class Topology:
         """A name for an event listener's own exclusive queue (inside the experiment's names, so the
         coordinator's configure permission covers it)."""
         return f"{self.prefix}.listen.{role}-{uuid.uuid4().hex[:12]}"
+
+    def listen(self, channel, role: str, keys: tuple[str, ...]) -> str:
+        """Declare `role`'s own exclusive event queue (at most LISTENER_MAX_EVENTS waiting), bind it to the
+        events exchange with each routing key in `keys`; returns its name."""
+        q = channel.queue_declare(self.listener_queue(role), exclusive=True, auto_delete=True,
+                                  arguments={"x-max-length": LISTENER_MAX_EVENTS}).method.queue
+        for key in keys:
+            channel.queue_bind(q, self.events, routing_key=key)
+        return q
 
     def queues(self) -> list[Queue]:
         dl = {"x-dead-letter-exchange": self.dlx}

@@ -57,24 +57,27 @@ class LocalFederation:
         self.workers: dict[str, subprocess.Popen] = {}
         self.processes: list[subprocess.Popen] = []  # everything started, replaced workers and replicas included
         self.least_privilege = least_privilege
-        self.urls: dict[str, str] = {}  # "coordinator" or a worker node -> its AMQP_URL (least_privilege)
-        self.urls_removed = False
+        self.users: dict[str, str] = {}  # "coordinator" or a worker node -> the broker user made for it
+        self.urls: dict[str, str] = {}  # the same -> its AMQP_URL, while that user exists
+
+    def _management(self):
+        from broker import admin
+
+        return admin.Management(self.env.get("MQFED_MANAGEMENT_URL"), amqp=self.env.get("AMQP_URL"))
 
     def _url(self, who: str) -> dict[str, str]:
         """AMQP_URL for `who` (the coordinator or a worker node): its own broker user, made on first use."""
         if not self.least_privilege:
             return {}
-        if who not in self.urls or self.urls_removed:
-            self.urls_removed = False
+        if who not in self.urls:
             from broker import admin, definitions, topology
 
-            topo, base = topology.Topology(self.name), self.env.get("AMQP_URL")
-            api = admin.Management(self.env.get("MQFED_MANAGEMENT_URL"), amqp=self.env.get("AMQP_URL"))
+            topo, api = topology.Topology(self.name), self._management()
             if who == "coordinator":
                 user, password = definitions.coordinator_user(topo), admin.add_coordinator(api, topo)
             else:
                 user, password = definitions.worker_user(topo, who), admin.add_worker(api, topo, who)
-            self.urls[who] = admin.user_url(user, password, base)
+            self.users[who], self.urls[who] = user, admin.user_url(user, password, self.env.get("AMQP_URL"))
         return {"AMQP_URL": self.urls[who]}
 
     def provision(self) -> "LocalFederation":
@@ -84,17 +87,17 @@ class LocalFederation:
         return self
 
     def remove_users(self) -> None:
-        """Delete the broker users `least_privilege` made (their connections are closed)."""
-        from broker import admin, definitions, topology
+        """Delete the broker users `least_privilege` made (their connections are closed); `users` keeps their
+        names."""
+        from broker import admin
 
-        topo, api = topology.Topology(self.name), admin.Management(self.env.get("MQFED_MANAGEMENT_URL"), amqp=self.env.get("AMQP_URL"))
+        api = self._management()
         try:
-            for who in list(self.urls):
-                api.delete_user(definitions.coordinator_user(topo) if who == "coordinator"
-                                else definitions.worker_user(topo, who))
+            for who in self.urls:
+                api.delete_user(self.users[who])
         except admin.ManagementError as exc:  # the broker is gone (a fault test): its users go with it
             print(f"LocalFederation: broker users of {self.name} not removed: {exc}", file=sys.stderr)
-        self.urls_removed = True
+        self.urls.clear()
 
     def _spawn(self, argv: list[str], log_name: str, **env: str) -> subprocess.Popen:
         log = open(self.run_dir / log_name, "ab")
@@ -195,7 +198,7 @@ class LocalFederation:
         workers = [p for p in self.processes if p.args[2] == "worker.cli"]  # args: python -m <module> ...
         self.signal(workers)
         self.signal([p for p in self.processes if p not in workers])
-        if self.urls and not self.urls_removed:
+        if self.urls:
             self.remove_users()
 
     def __enter__(self) -> "LocalFederation":

@@ -258,10 +258,7 @@ class Coordinator:
         if latest is None or latest.version < self.version:
             self._publish_model()
         events = conn.channel()
-        q = events.queue_declare(self.topo.listener_queue("coordinator"), exclusive=True, auto_delete=True,
-                                 arguments={"x-max-length": 10_000}).method.queue
-        for key in ("registration.#", "heartbeat.#", "metrics.#"):
-            events.queue_bind(q, self.topo.events, routing_key=key)
+        q = self.topo.listen(events, "coordinator", ("registration.#", "heartbeat.#", "metrics.#"))
         events.basic_consume(q, self._on_event, auto_ack=True)
         prefetch = max(16, 2 * self.aggregator.config.buffer_size + 8)
         if getattr(self, "consumer", None) is not None:

@@ -147,9 +147,9 @@ class ServerOptimizer:
         missing name or a shape.
         """
         self._check_delta(delta)
-        hyper = {k: v for k, v in self._optimizer.param_groups[0].items() if k != "params"}
         if delta_l2 is not None and self._bounded_step(delta_l2) is not None:
             return None
+        hyper = {k: v for k, v in self._optimizer.param_groups[0].items() if k != "params"}
         for name, p in zip(self._names, self._params):
             scratch = p.detach().clone()
             dry = SERVER_OPTIMIZERS[self.config.name]([scratch], self.config)

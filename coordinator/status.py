@@ -20,9 +20,7 @@ def main(args: argparse.Namespace) -> int:
     topo = topology.Topology(args.experiment)
     conn = connect("status", device=args.experiment, attempts=3)
     ch = conn.channel()
-    q = ch.queue_declare(topo.listener_queue("status"), exclusive=True, auto_delete=True,
-                         arguments={"x-max-length": 10_000}).method.queue
-    ch.queue_bind(q, topo.events, routing_key="#")
+    q = topo.listen(ch, "status", ("#",))
     trainers: dict[tuple[str, str], dict] = {}
     latest: dict = {}
 

@@ -132,11 +132,15 @@ def tls_context(env: Mapping[str, str] | None = None) -> ssl.SSLContext:
     return ctx
 
 
+def _auth(env: Mapping[str, str]) -> str:
+    return (env.get("AMQP_AUTH") or "plain").strip().lower()
+
+
 def sasl_mechanism(env: Mapping[str, str] | None = None, *, tls: bool) -> str:
     """`plain` or `external` from AMQP_AUTH in `env` (default os.environ; unset: plain). `external` needs
     TLS (`tls`, an amqps:// URL) and a client certificate; anything else raises `TlsConfigError`."""
     env = os.environ if env is None else env
-    auth = (env.get("AMQP_AUTH") or "plain").strip().lower()
+    auth = _auth(env)
     if auth not in ("plain", "external"):
         raise TlsConfigError(f"AMQP_AUTH={env.get('AMQP_AUTH')!r}: expected 'plain' (user and password from"
                              " AMQP_URL) or 'external' (the user named by the client certificate)")
@@ -169,7 +173,7 @@ def broker_user(url: str | None = None, env: Mapping[str, str] | None = None) ->
     common name of AMQP_CERT_FILE. Every message this process publishes carries it as `user_id`, which
     RabbitMQ checks against the connection's user (docs/security.md)."""
     env = os.environ if env is None else env
-    if (env.get("AMQP_AUTH") or "").strip().lower() == "external" and env.get("AMQP_CERT_FILE"):
+    if _auth(env) == "external" and env.get("AMQP_CERT_FILE"):
         subject = ssl._ssl._test_decode_cert(env["AMQP_CERT_FILE"])["subject"]  # type: ignore[attr-defined]  # noqa: SLF001
         names = [value for rdn in subject for key, value in rdn if key == "commonName"]
         if names:

@@ -48,7 +48,7 @@ def test_federation_of_two_worker_processes_trains_to_the_target_accuracy(experi
     keys = federation.applied_keys(fed)
     assert len(keys) == len(set(keys)), "an update was applied twice"
     # It ran as the generated users (one per worker node), and what it wrote is its owner's only.
-    assert set(fed.urls) == {"coordinator", "w1", "w2"}
+    assert set(fed.users) == {"coordinator", "w1", "w2"} and fed.urls == {}  # made, and deleted at the end
     exposed = [str(p) for p in fed.run_dir.rglob("*") if p.stat().st_mode & 0o077
                and p.name not in ("experiment.toml", "coordinator.log", "evaluator.log") and not p.name.startswith("worker-")]
     assert exposed == [], f"readable by others: {exposed[:5]}"

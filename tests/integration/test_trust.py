@@ -135,7 +135,7 @@ def test_the_coordinator_reaches_only_its_own_experiment(users, topo):
     try:  # its own experiment: all of it, its listener queue included
         ch = conn.channel()
         topology.declare(ch, topo)
-        ch.queue_declare(topo.listener_queue("coordinator"), exclusive=True, auto_delete=True)
+        topo.listen(ch, "coordinator", ("registration.#", "heartbeat.#", "metrics.#"))
     finally:
         conn.close()
     body = messages.encode(_task(other))
