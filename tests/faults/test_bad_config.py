@@ -87,6 +87,12 @@ LOADER_CASES = {
                                     "MQFED_CHECKPOINT_EVERY_S"]),
     "worker-no-model-cache": ("worker", "[worker]\ncache_versions = 0\n", {},
                               ["worker.cache_versions must be an int >= 1, got 0"]),
+    "zero-norm-bound-factor": ("experiment", "[fedbuff]\nnorm_bound_factor = 0.0\n", {},
+                               ["norm_bound_factor must be a finite number > 0 or None, got 0.0", "(from "]),
+    "env-zero-norm-bound-window": ("experiment", "", {"MQFED_FEDBUFF_NORM_BOUND_WINDOW": "0"},
+                                   ["norm_bound_window must be an int >= 1, got 0", "MQFED_FEDBUFF_NORM_BOUND_WINDOW"]),
+    "negative-norm-bound-initial": ("experiment", "[fedbuff]\nnorm_bound_initial = -1.0\n", {},
+                                    ["norm_bound_initial must be a finite number > 0 or None, got -1.0"]),
 }
 
 
