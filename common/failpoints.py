@@ -10,6 +10,8 @@ hit reliably by sending a signal from outside.
 Failpoints in the code:
     worker.during_training        after a training step (the task is held, unacknowledged)
     worker.after_chunk            after each chunk of an update payload is confirmed
+    worker.after_first_chunk      after the first chunk of an update payload of 2 or more chunks: the
+                                  upload is partial whatever the payload's size
     worker.before_task_ack        after the update is confirmed, before the task is acknowledged
     coordinator.after_buffer      after an update was added to the FedBuff buffer (mid-aggregation)
     coordinator.before_checkpoint_rename  checkpoint written to its temporary file, not yet renamed

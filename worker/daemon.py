@@ -73,6 +73,12 @@ def check_deadline(task, stage: str, step: int = 0, total: int | None = None) ->
 _BROKER_ERRORS = RETRYABLE + (pika.exceptions.AMQPError,)
 
 
+def _chunk_failpoints(index: int, count: int) -> None:
+    failpoint("worker.after_chunk")
+    if index == 0 and count > 1:
+        failpoint("worker.after_first_chunk")
+
+
 def load_shards(data: str, shard: str) -> tuple[Clips, Clips | None]:
     """(train clips, validation clips or None) of `shard` of the data set at `data`. Raises DataError."""
     from datasets import load_from_disk
@@ -109,6 +115,7 @@ class Trainer:
         self.model = None
         self.model_key: tuple | None = None
         self.base: tuple[int, dict[str, torch.Tensor]] | None = None  # (version, state) of the last fetch
+        self.fetched_bytes = 0  # model bytes downloaded for the current task
         self.status = "idle"
         self.tasks_done = 0
         log.info("trainer_ready", worker=self.worker_id, shard=w.shard, train_clips=len(self.train_clips),
@@ -230,7 +237,11 @@ class Trainer:
         return build_model(ModelSpec(name, freeze_feature_encoder), weights=False)
 
     def _fetch(self, min_version: int) -> tuple[int, dict[str, torch.Tensor]]:
-        """The newest model version we can get, preferably >= min_version; (version, state)."""
+        """(version, state) to train from: the version this trainer holds when it is >= min_version (no
+        download), else the newest we can get, preferably >= min_version. Sets `fetched_bytes`."""
+        self.fetched_bytes = 0
+        if self.base is not None and self.base[0] >= min_version:
+            return self.base
         deadline = time.monotonic() + 2.0
         while (self.store.newest is None or self.store.newest.version < min_version) and time.monotonic() < deadline:
             self.conn.process_data_events(time_limit=0.1)
@@ -247,6 +258,7 @@ class Trainer:
             log.warning("model_version_unavailable", version=ann.version, error=str(exc))
             fetched = self.store.fetch()
         version = fetched.announcement.version
+        self.fetched_bytes = 0 if fetched.from_cache else fetched.announcement.size_bytes
         if version < min_version:
             log.warning("training_behind", worker=self.worker_id, base_version=version, min_version=min_version)
         self.base = (version, decode_state(fetched.path.read_bytes()))
@@ -296,11 +308,12 @@ class Trainer:
         check_deadline(task, "publishing", *progress)  # late: answer nothing (the residual stays as it was)
         payload = publish_payload(self.pub, self.topo.update_exchange, self.topo.UPDATES_KEY, encoded.data,
                                   inline_max_bytes=self.w.inline_max_bytes, chunk_bytes=self.w.chunk_bytes,
-                                  after_chunk=lambda: failpoint("worker.after_chunk"))
+                                  after_chunk=_chunk_failpoints)
         update = messages.Update(
             experiment=self.w.experiment, task_id=task.task_id, worker_id=self.worker_id, base_version=version,
             num_samples=result.samples, metrics={"loss": result.loss, "seconds": result.seconds,
-                                                 "samples_per_s": result.samples_per_s, "behind": float(max(0, task.min_version - version))},
+                                                 "samples_per_s": result.samples_per_s, "behind": float(max(0, task.min_version - version)),
+                                                 "fetched_bytes": float(self.fetched_bytes)},
             codec=encoded.codec, raw_bytes=encoded.raw_bytes, wire_bytes=encoded.wire_bytes, payload=payload)
         publish_message(self.pub, self.topo.update_exchange, self.topo.UPDATES_KEY, update, message_id=task.task_id)
         ef.commit(pending)  # confirmed: what compression dropped waits for the next update

@@ -9,7 +9,7 @@ from typing import Callable
 import pika
 
 from common.wire import messages
-from common.wire.chunks import publish_chunked
+from common.wire.chunks import H_COUNT, H_INDEX, publish_chunked
 
 
 def sender(channel) -> str | None:
@@ -31,10 +31,10 @@ def publish_message(channel, exchange: str, routing_key: str, msg: messages.Mess
 
 
 def publish_payload(channel, exchange: str, routing_key: str, data: bytes, *, inline_max_bytes: int,
-                    chunk_bytes: int, after_chunk: Callable[[], None] | None = None) -> messages.PayloadRef:
+                    chunk_bytes: int, after_chunk: Callable[[int, int], None] | None = None) -> messages.PayloadRef:
     """Where `data` travels for the message that will carry it: inline up to `inline_max_bytes`, else as
-    chunks of `chunk_bytes` published (and, on a confirming channel, confirmed) now. `after_chunk` runs
-    after each chunk (failpoints)."""
+    chunks of `chunk_bytes` published (and, on a confirming channel, confirmed) now. `after_chunk(index,
+    count)` runs after each chunk (failpoints)."""
     if len(data) <= inline_max_bytes:
         return messages.PayloadRef(inline=data)
 
@@ -44,6 +44,6 @@ def publish_payload(channel, exchange: str, routing_key: str, data: bytes, *, in
         channel.basic_publish(exchange, routing_key, bytes(chunk),
                               pika.BasicProperties(headers=headers, delivery_mode=2, user_id=user_id), mandatory=True)
         if after_chunk is not None:
-            after_chunk()
+            after_chunk(headers[H_INDEX], headers[H_COUNT])
 
     return messages.PayloadRef(transfer_id=publish_chunked(send, data, chunk_size=chunk_bytes).transfer_id)

@@ -94,12 +94,13 @@ def test_worker_killed_mid_upload_loses_no_task_and_the_partial_upload_is_droppe
                                                                                   tmp_path):
     chunked = {"MQFED_WORKER_INLINE_MAX_BYTES": "1024", "MQFED_WORKER_CHUNK_BYTES": "65536"}
     fed = _federation(experiment, tmp_path, small_corpus_dir, [
-        {"shard": "iid:1/2", "env": {**chunked, "MQFED_FAILPOINTS": "worker.after_chunk=kill@10"}},  # 2nd upload
-        {"shard": "iid:2/2", "env": chunked}], **{"tasks.codec": "none", "tasks.transfer_timeout_s": 5.0}).start()
+        {"shard": "iid:1/2", "env": {**chunked, "MQFED_FAILPOINTS": "worker.after_first_chunk=kill@1"}},  # 1st upload
+        {"shard": "iid:2/2", "env": chunked}], **{"tasks.codec": "none", "tasks.transfer_timeout_s": 2.0,
+                                                  "stop.max_versions": 16}).start()
     fed.wait_for(lambda: fed.workers["w1"].poll() is not None, 180, "w1 to die mid-upload")
     held = _held_task(fed, "w1")
     _run_to_end(fed)
-    _assert_consistent(fed, 8)
+    _assert_consistent(fed, 16)  # 16 versions: the run outlasts the 2 s transfer timeout
     assert held in {t for t, _ in _applied(fed)}, "the task the killed worker held was lost"
     dropped = fed.events("coordinator.log", "transfer_dropped")
     assert any(e["error"] == "IncompleteTransfer" for e in dropped), "the incomplete upload was not dropped"

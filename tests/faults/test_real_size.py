@@ -99,7 +99,7 @@ def test_wav2vec2_base_a_standby_coordinator_takes_over_when_the_active_one_dies
 
 def test_wav2vec2_base_worker_killed_mid_upload_loses_no_task(experiment, tiny_corpus_dir, tmp_path):
     fed = _federation(experiment, tmp_path, tiny_corpus_dir, [
-        {"shard": "iid:1/2", "env": {**_CHUNKED, "MQFED_FAILPOINTS": "worker.after_chunk=kill@5"}},  # 2nd upload
+        {"shard": "iid:1/2", "env": {**_CHUNKED, "MQFED_FAILPOINTS": "worker.after_first_chunk=kill@1"}},  # 1st upload
         {"shard": "iid:2/2", "env": _CHUNKED}], **{**REAL_SIZE, "tasks.transfer_timeout_s": 20.0}).start()
     fed.wait_for(lambda: fed.workers["w1"].poll() is not None, 900, "w1 to die mid-upload")
     held = _held_task(fed, "w1")

@@ -54,7 +54,7 @@ def _make_trainer(ef_path, version0) -> Trainer:
     t.worker_id, t.device, t.topo = "unit/cpu", "cpu", Topology("exp")
     t.ef, t.ef_path = None, ef_path
     t.stop_event = threading.Event()
-    t.model, t.model_key, t.base = None, None, None
+    t.model, t.model_key, t.base, t.fetched_bytes = None, None, None, 0
     t.status, t.tasks_done = "idle", 0
     gen = torch.Generator().manual_seed(0)
     t.train_clips = Clips(torch.randn(16, 16000, generator=gen), torch.randint(0, 12, (16,), generator=gen))
@@ -260,3 +260,21 @@ def test_a_residual_that_cannot_be_saved_after_the_update_went_out_does_not_undo
     assert [u.task_id for u in trainer.pub.updates()] == ["answered"] and trainer.tasks_done == 1
     assert _events(logs, "residual_not_saved") and not _events(logs, "task_failed")
     assert trainer.ef.residual  # kept in memory for the next update
+
+
+def test_a_trainer_holding_a_version_the_task_accepts_trains_from_it_without_downloading(trainer, version0):
+    trainer.base = (3, version0)  # no store, no connection: a download would raise AttributeError
+    assert Trainer._fetch(trainer, 3) == (3, version0) and trainer.fetched_bytes == 0
+    assert Trainer._fetch(trainer, 1) == (3, version0)  # older than what it holds: a lagging task
+
+
+def test_the_update_reports_the_model_bytes_its_task_downloaded(trainer):
+    trainer.fetched_bytes = 0
+
+    def fetch(min_version):
+        trainer.fetched_bytes = 12345
+        return 0, trainer.versions[0]
+
+    trainer._fetch = fetch
+    assert _on(trainer, _train("t1")) is Outcome.ACK
+    assert trainer.pub.updates()[0].metrics["fetched_bytes"] == 12345.0
