@@ -50,16 +50,21 @@ class Dispatcher:
 
     mode: `async` or `sync`. concurrency: tasks outstanding at once (>= 1). deadline_s: task lifetime (> 0).
     secret: the key task ids are signed with (the run's; tasks of another secret are not this run's).
+    version_lag: async tasks issued at version v ask for `min_version` v - version_lag (at least 0): a
+    worker may train from a cached version that much older instead of fetching the newest (sync: always v).
     """
 
     def __init__(self, mode: str = "async", concurrency: int = 4, deadline_s: float = 600.0,
-                 secret: bytes = b"") -> None:
+                 secret: bytes = b"", version_lag: int = 0) -> None:
         if mode not in MODES:
             raise ValueError(f"dispatch mode {mode!r} unknown; known: {', '.join(MODES)}")
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
         if not deadline_s > 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s!r}")
+        if isinstance(version_lag, bool) or not isinstance(version_lag, int) or version_lag < 0:
+            raise ValueError(f"version_lag must be an int >= 0, got {version_lag!r}")
+        self.version_lag = version_lag if mode == "async" else 0
         self.mode, self.concurrency, self.deadline_s = mode, concurrency, float(deadline_s)
         self.outstanding: dict[str, _Outstanding] = {}
         self.issued = 0
@@ -95,7 +100,7 @@ class Dispatcher:
 
     def _plan(self, version: int, now: float) -> PlannedTask:
         self.issued += 1
-        task = PlannedTask(self.task_id(self.issued, version), version, now + self.deadline_s)
+        task = PlannedTask(self.task_id(self.issued, version), max(0, version - self.version_lag), now + self.deadline_s)
         self.outstanding[task.task_id] = _Outstanding(version, task.deadline_unix)
         return task
 

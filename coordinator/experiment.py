@@ -25,6 +25,7 @@ from common.config import load_config, parse_overrides, rule, validate
 from common.errors import InvalidValue
 from common.learning.model import ModelSpec
 from common.learning.training import TrainConfig
+from common.wire.tensors import WIRE_FLOAT_DTYPES
 from coordinator.aggregator import AggregatorConfig
 from coordinator.dispatch import MODES
 from coordinator.server_optim import ServerOptimizerConfig
@@ -107,13 +108,19 @@ class TasksSection:
     that many versions (0: only at the end). federated_eval_every: evaluate tasks on the workers' local
     validation shards every that many versions (0: never). codec: update compression
     (common/compression/codecs.py). transfer_timeout_s: a chunked update that makes no progress for this
-    long is dead-lettered (its worker died mid-upload; the task comes back through the queue)."""
+    long is dead-lettered (its worker died mid-upload; the task comes back through the queue).
+    model_dtype: the precision model versions travel in to workers and the evaluator (the coordinator keeps
+    float32; a tensor the dtype cannot hold travels as float32). version_lag: a worker may train from a
+    cached version up to this many versions older than the newest at issue instead of downloading the
+    newest (async mode). docs/federation.md, Downlink."""
 
     deadline_s: float = rule(600.0, gt=0)
     eval_every: int = rule(1, ge=0)
     federated_eval_every: int = rule(0, ge=0)
     codec: str = DEFAULT_CODEC
     transfer_timeout_s: float = rule(120.0, gt=0)
+    model_dtype: str = rule("float16", choices=WIRE_FLOAT_DTYPES)
+    version_lag: int = rule(0, ge=0)
 
     def __post_init__(self) -> None:
         validate(self, "tasks")

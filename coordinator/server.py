@@ -34,7 +34,7 @@ from common.transport.model_store import ModelStore
 from common.transport.publish import publish_message
 from common.wire import messages
 from common.wire.chunks import CompletedTransfer, Reassembler
-from common.wire.tensors import write_state
+from common.wire.tensors import narrowed_dtypes, write_state
 from coordinator import checkpoint
 from coordinator.aggregator import AggregationRecord, Aggregator, ClientUpdate, UpdateKey, UpdateRejected
 from coordinator.dispatch import Dispatcher
@@ -93,13 +93,13 @@ class Coordinator:
             self._model_is_initial = True
         self.aggregator = Aggregator(self.state, cfg.fedbuff.aggregator_config(self.name), cfg.server_optimizer)
         self.dispatcher = Dispatcher(cfg.fedbuff.mode, cfg.fedbuff.concurrency, cfg.tasks.deadline_s,
-                                     secret=self._run_secret())
+                                     secret=self._run_secret(), version_lag=cfg.tasks.version_lag)
         self.elapsed_before = 0.0
         self.best = {"accuracy": -1.0, "version": -1}
         self.last_eval: dict | None = None
         self.wal_seq = 0  # the last logged update the in-memory state holds
         self._ckpt_at = (0, time.monotonic())  # (version, time) of the last checkpoint
-        self.window = {"wire": 0, "raw": 0}
+        self.window = {"wire": 0, "raw": 0, "fetched": 0}
         self.counters = {"dead_lettered": 0, "stale_dropped": 0, "codec_errors": 0, "tasks_expired": 0,
                          "answered_dropped": 0}
         self.events = EventBook(self.topo)
@@ -452,6 +452,8 @@ class Coordinator:
             failpoint("coordinator.after_buffer")
         self.window["wire"] += msg.wire_bytes
         self.window["raw"] += msg.raw_bytes
+        fetched = msg.metrics.get("fetched_bytes", 0)  # the worker's word, for the record only
+        self.window["fetched"] += int(fetched) if isinstance(fetched, (int, float)) and 0 <= fetched < 2**40 else 0
         if result.record is not None:
             self._new_version(result.record, replaying=bool(replayed))
         elif result.refused is not None:
@@ -471,7 +473,7 @@ class Coordinator:
         """A buffered step that was not finite: nothing applied (aggregator). Record it once (a replay finds
         the line of the live run), free its tasks' slots, start the next version's byte count afresh."""
         self.dispatcher.release(refused.task_ids)
-        self.window = {"wire": 0, "raw": 0}
+        self.window = {"wire": 0, "raw": 0, "fetched": 0}
         if any(e.get("kind") == "step_refused" and e.get("wal_seq") == wal_seq for e in self.record.lines()):
             return
         self.record.append({"kind": "step_refused", "version": refused.version, "wal_seq": wal_seq,
@@ -499,11 +501,13 @@ class Coordinator:
         log.info("central_eval", version=version, accuracy=round(accuracy, 4), best=round(self.best["accuracy"], 4))
 
     def _publish_model(self) -> None:
-        """Publish the current version, framed into a file one tensor at a time (no model-sized copy in memory)."""
+        """Publish the current version in `tasks.model_dtype`, framed into a file one tensor at a time (no
+        model-sized copy in memory)."""
         path = self.run_dir / f".model-v{self.version}.{os.getpid()}.tmp"
         try:
+            state = {n: t.detach() for n, t in self.state.items()}
             with open(path, "wb") as f:
-                write_state({n: t.detach() for n, t in self.state.items()}, f)
+                write_state(state, f, narrowed_dtypes(state, self.cfg.tasks.model_dtype))
             self.store.publish(self.version, path)
         finally:
             path.unlink(missing_ok=True)
@@ -519,8 +523,9 @@ class Coordinator:
                  "tasks": list(record.task_ids), "updates": len(record.worker_ids),
                  "bytes_received": self.window["wire"], "raw_bytes": self.window["raw"],
                  "compression_ratio": round(self.window["raw"] / max(1, self.window["wire"]), 2),
+                 "bytes_fetched": self.window["fetched"],
                  "delta_norm": round(record.delta_norm, 6)}
-        self.window = {"wire": 0, "raw": 0}
+        self.window = {"wire": 0, "raw": 0, "fetched": 0}
         if replaying:
             self.record.append(entry)
             return

@@ -45,6 +45,25 @@ def _raw(t: torch.Tensor) -> bytes:
     return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+#: The precisions model versions may travel in (coordinator's `tasks.model_dtype`).
+WIRE_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+_LARGEST = {torch.float16: 65504.0, torch.bfloat16: float(torch.finfo(torch.bfloat16).max)}
+
+
+def narrowed_dtypes(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.dtype]:
+    """The dtype each float32 tensor of `state` travels in when versions travel in `dtype`: `dtype` where
+    every value fits it (finite, within its range), else float32. Other tensors are not listed."""
+    if dtype not in WIRE_FLOAT_DTYPES:
+        raise ValueError(f"unknown wire dtype {dtype!r}; known: {', '.join(WIRE_FLOAT_DTYPES)}")
+    narrow = getattr(torch, dtype)
+    out = {}
+    for name, t in state.items():
+        if t.dtype is torch.float32 and narrow is not torch.float32:
+            fits = t.numel() == 0 or bool(t.detach().abs().max() <= _LARGEST[narrow])  # NaN compares False
+            out[name] = narrow if fits else torch.float32
+    return out
+
+
 def encode_state(state: dict[str, torch.Tensor]) -> bytes:
     """Encode name -> tensor into one bytes object (see module doc for the layout)."""
     buf = io.BytesIO()
@@ -52,21 +71,23 @@ def encode_state(state: dict[str, torch.Tensor]) -> bytes:
     return buf.getvalue()
 
 
-def write_state(state: dict[str, torch.Tensor], out: BinaryIO) -> int:
-    """Write `encode_state(state)`'s bytes to `out`, one tensor at a time (memory: the largest tensor);
-    returns the number of bytes written."""
+def write_state(state: dict[str, torch.Tensor], out: BinaryIO, dtypes: dict[str, torch.dtype] | None = None) -> int:
+    """Write `encode_state(state)`'s bytes to `out`, one tensor at a time (memory: the largest tensor, twice
+    when cast); returns the number of bytes written. dtypes: name -> the dtype to cast that tensor to."""
+    dtypes = dtypes or {}
     header, offset = [], 0
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-        if t.dtype not in _NAME_OF:
-            raise TypeError(f"{name}: dtype {t.dtype} is not supported on the wire")
-        nbytes = t.numel() * t.element_size()  # bool travels as one uint8 per element, the same size
-        header.append([name, _NAME_OF[t.dtype], list(t.shape), offset, nbytes])
+        dtype = dtypes.get(name, t.dtype)
+        if dtype not in _NAME_OF:
+            raise TypeError(f"{name}: dtype {dtype} is not supported on the wire")
+        nbytes = t.numel() * (1 if dtype is torch.bool else torch.empty((), dtype=dtype).element_size())
+        header.append([name, _NAME_OF[dtype], list(t.shape), offset, nbytes])
         offset += nbytes
     written = out.write(envelope.pack(MAGIC, header))
-    for t in state.values():
-        written += out.write(_raw(t))
+    for name, t in state.items():
+        written += out.write(_raw(t.to(dtypes.get(name, t.dtype))))
     return written
 
 

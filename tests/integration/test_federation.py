@@ -60,7 +60,7 @@ def test_a_duplicated_update_is_applied_once(experiment, small_corpus_dir, tmp_p
     run_dir = tmp_path / "run"
     cfg = federation.experiment_config(experiment.experiment, run_dir, small_corpus_dir, **{
         "fedbuff.buffer_size": 2, "fedbuff.concurrency": 1, "stop.max_versions": 1, "tasks.eval_every": 0,
-        "data.eval_max_clips": 24})
+        "data.eval_max_clips": 24, "tasks.model_dtype": "float32"})  # the base it fetches is the master, bit for bit
     coordinator = Coordinator(cfg)
     summary: dict = {}
     thread = threading.Thread(target=lambda: summary.update(coordinator.run()), daemon=True)

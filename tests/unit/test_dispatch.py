@@ -344,3 +344,22 @@ def test_answered_tasks_survive_a_checkpoint():
     e = Dispatcher("async", concurrency=1, deadline_s=60.0, secret=b"k")
     e.load_state_dict(d.state_dict())
     assert e.check(t.task_id, 0, 10) == "answered"
+
+
+def test_version_lag_lets_async_tasks_ask_for_an_older_version_never_below_zero():
+    d = Dispatcher("async", concurrency=3, version_lag=2)
+    assert [t.min_version for t in d.to_issue(1, 0.0)] == [0, 0, 0]
+    d.outstanding.clear()
+    assert [t.min_version for t in d.to_issue(7, 0.0)] == [5, 5, 5]
+    assert all("-v7-" in t for t in d.outstanding)  # the task id keeps the version it was issued at
+
+
+def test_version_lag_does_not_apply_to_sync_rounds():
+    d = Dispatcher("sync", concurrency=2, version_lag=3)
+    assert [t.min_version for t in d.to_issue(5, 0.0)] == [5, 5]
+
+
+@pytest.mark.parametrize("lag", [-1, 1.5, True, "2"])
+def test_version_lag_must_be_a_non_negative_int(lag):
+    with pytest.raises(ValueError, match="version_lag"):
+        Dispatcher("async", version_lag=lag)

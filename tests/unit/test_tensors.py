@@ -1,10 +1,11 @@
+import io
 import struct
 
 import msgpack
 import pytest
 import torch
 
-from common.wire.tensors import TensorFormatError, decode_state, encode_state, write_state
+from common.wire.tensors import TensorFormatError, decode_state, encode_state, narrowed_dtypes, write_state
 
 
 def _state():
@@ -70,3 +71,27 @@ def test_a_state_written_to_a_file_one_tensor_at_a_time_is_the_same_frame(tmp_pa
         written = write_state(state, f)
     assert path.read_bytes() == encode_state(state) and written == path.stat().st_size
     assert all(torch.equal(decode_state(path.read_bytes())[n], t) for n, t in state.items())
+
+
+def test_narrowed_dtypes_narrow_float32_tensors_that_fit_and_keep_the_rest_float32():
+    state = {"w": torch.tensor([1.0, -65504.0]), "big": torch.tensor([1.0, 65520.0]), "nan": torch.tensor([float("nan")]),
+             "inf": torch.tensor([float("inf")]), "empty": torch.zeros(0), "steps": torch.tensor([3]),
+             "half": torch.tensor([1.0], dtype=torch.float16)}
+    assert narrowed_dtypes(state, "float16") == {"w": torch.float16, "big": torch.float32, "nan": torch.float32,
+                                                 "inf": torch.float32, "empty": torch.float16}
+    assert narrowed_dtypes(state, "bfloat16")["big"] is torch.bfloat16  # bf16 holds 65520 (as 65536)
+    assert narrowed_dtypes(state, "float32") == {}
+    with pytest.raises(ValueError, match="float8"):
+        narrowed_dtypes(state, "float8")
+
+
+def test_write_state_casts_as_told_and_the_frame_decodes_to_the_cast_values():
+    gen = torch.Generator().manual_seed(0)
+    state = {"a": torch.randn(300, generator=gen), "b": torch.randn(7, 3, generator=gen) * 1e5, "i": torch.arange(4)}
+    buf = io.BytesIO()
+    n = write_state(state, buf, narrowed_dtypes(state, "float16"))
+    out = decode_state(buf.getvalue())
+    assert n == len(buf.getvalue()) and len(buf.getvalue()) < len(encode_state(state)) - 2 * 300 + 64
+    assert out["a"].dtype is torch.float16 and torch.equal(out["a"], state["a"].half())
+    assert out["b"].dtype is torch.float32 and torch.equal(out["b"], state["b"])  # above float16's range
+    assert torch.equal(out["i"], state["i"])
