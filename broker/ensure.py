@@ -14,7 +14,9 @@ rabbitmq_management` (so the node boots with the HTTP API), then `systemctl star
 systemd runs and has the unit) or `rabbitmq-server -detached`; without rabbitmq-server, `docker compose -f
 <repo>/docker/compose.yml up -d rabbitmq` when a Docker engine runs and the compose file exists. Once a
 local broker answers, the management plugin is enabled (`rabbitmq-plugins enable rabbitmq_management`) if
-15672 stays silent. A remote broker is never started or reconfigured.
+15672 stays silent. A remote broker is never started or reconfigured, nor is a cluster (AMQP_URL listing
+several nodes, docs/cluster.md): it answers when any of its nodes does, and is otherwise started by whoever
+runs it.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from common.logs import get_logger
-from common.transport.connection import amqp_url
+from common.transport.connection import amqp_url, amqp_urls
 
 log = get_logger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -77,16 +79,30 @@ class Plan:
         return bool(self.start)
 
 
+def is_cluster(url: str) -> bool:
+    """`url` lists several nodes (comma-separated)."""
+    return "," in url
+
+
 def is_local(url: str, hostname: str = "") -> bool:
+    """`url` names a broker on this machine. Never true for a cluster (several nodes), which ensure does
+    not start or reconfigure."""
+    if is_cluster(url):
+        return False
     host = urllib.parse.urlparse(url).hostname or "localhost"
     return host in LOCAL_HOSTS or (bool(hostname) and host == hostname)
 
 
 def redact(url: str) -> str:
-    """`url` with the password replaced by ***, for messages."""
-    parsed = urllib.parse.urlparse(url)
-    if parsed.password is None:
-        return url
+    """`url` with the password replaced by ***, for messages (in every item of a list of nodes)."""
+    if is_cluster(url):
+        return ",".join(redact(item) for item in url.split(","))
+    try:
+        parsed = urllib.parse.urlparse(url)
+        if parsed.password is None:
+            return url
+    except ValueError:  # not a URL: show nothing of it that may hold a password
+        return "<unparsable URL>" if "@" in url else url
     netloc = parsed.netloc.rsplit("@", 1)
     return parsed._replace(netloc=f"{parsed.username}:***@{netloc[1]}").geturl()
 
@@ -101,6 +117,9 @@ def decide(f: Facts) -> Plan:
         return Plan(enable_management=enable)
     if f.login_refused:
         return Plan(problem=f"a broker answers but refuses AMQP_URL's credentials or vhost: {f.login_refused}")
+    if is_cluster(f.url):
+        return Plan(problem=f"AMQP_URL lists {len(f.url.split(','))} nodes (a cluster) and none answers: start"
+                            " them where they run (docs/cluster.md); ensure starts only a single local broker")
     if not local:
         return Plan(problem=f"{parsed.hostname} is not this machine: start the broker there, or fix AMQP_URL")
     if parsed.scheme != "amqp":
@@ -126,8 +145,9 @@ def answers(url: str | None = None, timeout: float = 2.0) -> bool:
 
 
 def probe(url: str | None = None, timeout: float = 2.0) -> bool | str:
-    """True when an AMQP handshake (login included) succeeds at `url`; the broker's reason when a broker
-    answers but refuses the login or the vhost; False when nothing answers."""
+    """True when an AMQP handshake (login included) succeeds at `url` (for a list of nodes: at one of them,
+    tried in order); the broker's reason when a broker answers but refuses the login or the vhost (and no
+    node accepts it); False when nothing answers."""
     import logging
 
     import pika
@@ -135,33 +155,40 @@ def probe(url: str | None = None, timeout: float = 2.0) -> bool | str:
 
     pika_log = logging.getLogger("pika")
     level, pika_log.level = pika_log.level, logging.CRITICAL  # a refused probe is not an error worth a trace
-    params = pika.URLParameters(amqp_url(url))
-    params.socket_timeout = timeout
-    params.connection_attempts = 1
-    params.client_properties = {"connection_name": "mqfed-broker:ensure"}
+    refused: str | None = None
     try:
-        pika.BlockingConnection(params).close()
-        return True
-    except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
-        return str(exc) or type(exc).__name__
-    except Exception:
-        return False
+        for node_url in amqp_urls(url):
+            params = pika.URLParameters(node_url)
+            params.socket_timeout = timeout
+            params.connection_attempts = 1
+            params.client_properties = {"connection_name": "mqfed-broker:ensure"}
+            try:
+                pika.BlockingConnection(params).close()
+                return True
+            except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
+                refused = refused or str(exc) or type(exc).__name__
+            except Exception:
+                continue
+        return refused or False
     finally:
         pika_log.level = level
 
 
 def management_answers(url: str | None = None, timeout: float = 2.0) -> bool:
-    """True when the management HTTP API answers on the broker's host (any HTTP status, 401 included)."""
-    host = urllib.parse.urlparse(amqp_url(url)).hostname or "localhost"
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        urllib.request.urlopen(f"http://{host}:{MANAGEMENT_PORT}/api/overview", timeout=timeout).close()
-        return True
-    except urllib.error.HTTPError:
-        return True  # 401 without credentials: the API is there
-    except (OSError, ValueError):
-        return False
+    """True when the management HTTP API answers on the broker's host (any HTTP status, 401 included); for
+    a list of nodes, on any node's host."""
+    for node_url in amqp_urls(url):
+        host = urllib.parse.urlparse(node_url).hostname or "localhost"
+        if ":" in host:
+            host = f"[{host}]"
+        try:
+            urllib.request.urlopen(f"http://{host}:{MANAGEMENT_PORT}/api/overview", timeout=timeout).close()
+            return True
+        except urllib.error.HTTPError:
+            return True  # 401 without credentials: the API is there
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def _run(cmd: tuple[str, ...] | list[str], timeout: float = 120) -> bool:
@@ -248,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     url = amqp_url()
     ok, problem = _ensure(url, 90.0)
     if ok:
-        parsed = urllib.parse.urlparse(url)
-        print(f"broker answers at {parsed.scheme}://{parsed.hostname}:{parsed.port or 5672}"
+        nodes = [urllib.parse.urlparse(u) for u in amqp_urls(url)]
+        where = ", ".join(f"{p.scheme}://{p.hostname}:{p.port or 5672}" for p in nodes)
+        print(f"{'broker' if len(nodes) == 1 else 'cluster'} answers at {where}"
+              f"{' (one node at least)' if len(nodes) > 1 else ''}"
               f" (management API: {'up' if management_answers(url) else 'off'})")
         return 0
     shown = redact(url)

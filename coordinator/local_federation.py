@@ -34,11 +34,13 @@ class LocalFederation:
 
     workers: one dict per worker with `shard` and optional `node`, `slowdown`, `delay_s`, `devices`, `env`
     (extra environment, e.g. `MQFED_FAILPOINTS` for a fault test).
-    env: extra environment for every process (e.g. `AMQP_URL` of another broker); per-process env wins.
+    env: extra environment for every process (e.g. `AMQP_URL` of another broker, or a cluster's nodes
+      comma-separated: docs/cluster.md); per-process env wins.
     least_privilege: run every process as the experiment's generated broker users (one per worker node, the
       coordinator's for the coordinator and the evaluator), made at `start` through the management API
-      (broker/admin.py: `MQFED_MANAGEMENT_URL` in `env` or the environment) and deleted by `stop`; else as
-      AMQP_URL's user.
+      (broker/admin.py: `MQFED_MANAGEMENT_URL` in `env` or the environment, one API or several
+      comma-separated) and deleted by `stop`; else as AMQP_URL's user. Each user's AMQP_URL (`urls`) is
+      AMQP_URL with that user's credentials in every node's URL.
     """
 
     def __init__(self, cfg, data: str | os.PathLike, workers: list[dict], env: dict[str, str] | None = None,

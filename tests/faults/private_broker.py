@@ -28,6 +28,13 @@ for a test's set-up. With `external_auth=True` the node also offers SASL EXTERNA
 client certificate's CN (`rabbitmq_auth_mechanism_ssl`, `ssl_cert_login_from = common_name`); PLAIN stays
 on for `url`. Without `tls` the files are exactly those listed above.
 
+`PrivateCluster(3)`: three such nodes joined into one cluster (for tests that kill one node of a
+cluster): one Erlang cookie for all (`PrivateBroker(cookie=...)`), ports chosen so that no two nodes share
+one (`taken_ports`), the second and third joined to the first with `rabbitmqctl stop_app`, `reset`,
+`join_cluster`, `start_app`; the management API on each; `url` is the comma-separated list of the nodes'
+URLs (what AMQP_URL takes for a cluster), `kill(i)` / `start(i)` SIGKILL and restart node i, `stop()`
+kills every node's process group and removes the directory. Docs: docs/cluster.md.
+
 `BrokerUnavailable` is raised when no RabbitMQ installation is found (`available()` tells beforehand);
 `BrokerError` when one is found but the node does not come up (with the tail of its output and log).
 Scripts are looked up in `$RABBITMQ_SCRIPTS_DIR`, `/usr/lib/rabbitmq/bin` (Debian/Ubuntu: `/usr/sbin`
@@ -36,6 +43,7 @@ only holds wrappers that switch to the `rabbitmq` user), then next to `rabbitmq-
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -80,10 +88,25 @@ def available() -> bool:
     return scripts_dir() is not None
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range. A port inside it can be taken while the node is down
+    by a client reconnecting to it: connect() to an unbound local port may pick that very port as its own
+    source port and connect to itself (TCP simultaneous open), and the node cannot listen there again."""
+    low, _high = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(10000, max(10001, low))
+        if _port_free(port):
+            return port
+    raise BrokerError("no free port below the ephemeral range")
 
 
 def _port_free(port: int) -> bool:
@@ -109,7 +132,11 @@ class PrivateBroker:
     """One private RabbitMQ node (see the module doc). Use as a context manager or call `close()`."""
 
     def __init__(self, base_dir: str | os.PathLike | None = None, start_timeout_s: float = START_TIMEOUT_S,
-                 tls: TlsFiles | None = None, external_auth: bool = False, management: bool = False) -> None:
+                 tls: TlsFiles | None = None, external_auth: bool = False, management: bool = False,
+                 cookie: str | None = None, taken_ports: set[int] | None = None) -> None:
+        """cookie: the Erlang cookie (default: a random one; the nodes of a `PrivateCluster` share one).
+        taken_ports: ports not to use, and to which this node adds its own (the nodes of a cluster pick
+        theirs before any of them listens)."""
         if external_auth and tls is None:
             raise ValueError("external_auth needs tls (EXTERNAL takes the user from the client certificate)")
         scripts = scripts_dir()
@@ -122,22 +149,23 @@ class PrivateBroker:
         self.base = Path(tempfile.mkdtemp(prefix="mqfed-rabbit-") if base_dir is None else base_dir).resolve()
         self.base.mkdir(parents=True, exist_ok=True)
         self.nodename = f"mqfedfault-{secrets.token_hex(4)}@localhost"
-        self.port = free_port()
-        self.dist_port = free_port()
-        while self.dist_port == self.port:
-            self.dist_port = free_port()
+        taken = taken_ports if taken_ports is not None else set()
+
+        def port() -> int:
+            p = free_port()
+            while p in taken:
+                p = free_port()
+            taken.add(p)
+            return p
+
+        self.port = port()
+        self.dist_port = port()
         self.tls, self.external_auth = tls, external_auth
-        self.tls_port: int | None = None
-        if tls is not None:
-            self.tls_port = free_port()
-            while self.tls_port in (self.port, self.dist_port):
-                self.tls_port = free_port()
+        self.tls_port: int | None = port() if tls is not None else None
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
-        self.management_port: int | None = None  # management=True: the HTTP API on a free port of its own
-        if management:
-            self.management_port = free_port()
-            while self.management_port in (self.port, self.dist_port, self.tls_port):
-                self.management_port = free_port()
+        # management=True: the HTTP API on a free port of its own
+        self.management_port: int | None = port() if management else None
+        self.cookie = cookie
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self._write_files()
@@ -149,7 +177,7 @@ class PrivateBroker:
             d.mkdir(parents=True, exist_ok=True)
         cookie = home / ".erlang.cookie"
         if not cookie.exists():
-            cookie.write_text(secrets.token_hex(16).upper())
+            cookie.write_text(self.cookie or secrets.token_hex(16).upper())
             cookie.chmod(0o400)
         (self.base / "rabbitmq.conf").write_text(
             f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
@@ -392,3 +420,124 @@ class PrivateBroker:
 
     def __exit__(self, *_exc) -> None:
         self.close()
+
+
+class PrivateCluster:
+    """`size` private RabbitMQ nodes on this machine joined into one cluster (see the module doc).
+
+    Each node is a `PrivateBroker` (own node name, AMQP, distribution and management ports, data directory
+    under one temporary directory), all with one Erlang cookie. `start()` boots the first node, then boots
+    each other one and joins it to the first (`rabbitmqctl stop_app`, `reset`, `join_cluster`,
+    `start_app`), and returns once every node runs in the cluster. `url` is the comma-separated list of the
+    nodes' URLs (guest, loopback only), what mqfed's AMQP_URL takes for a cluster; `urls` the same as a
+    list. `kill(i)` SIGKILLs node i's Erlang VM; `start(i)` starts it again on its data and port and waits
+    until it is back in the cluster. `stop()` SIGKILLs every node's process group and removes the directory;
+    no process of ours is left (idempotent). The management API runs on every node (`management_urls`).
+    """
+
+    def __init__(self, size: int = 3, management: bool = True, start_timeout_s: float = START_TIMEOUT_S) -> None:
+        if size < 1:
+            raise ValueError(f"a cluster needs at least one node, not {size}")
+        self.base = Path(tempfile.mkdtemp(prefix="mqfed-cluster-")).resolve()
+        cookie, taken = secrets.token_hex(16).upper(), set[int]()
+        try:
+            self.nodes = [PrivateBroker(self.base / f"node{i + 1}", start_timeout_s, management=management,
+                                        cookie=cookie, taken_ports=taken) for i in range(size)]
+        except BaseException:
+            shutil.rmtree(self.base, ignore_errors=True)
+            raise
+        self.start_timeout_s = start_timeout_s
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated (AMQP_URL for a cluster)."""
+        return ",".join(self.urls)
+
+    @property
+    def management_urls(self) -> list[str]:
+        return [url for url in (n.management_url for n in self.nodes) if url]
+
+    @property
+    def management_url(self) -> str | None:
+        """The management API of every node, comma-separated (MQFED_MANAGEMENT_URL: broker/admin.py tries
+        them in turn), or None without management."""
+        return ",".join(self.management_urls) or None
+
+    def node_of(self, erlang_node: str) -> int:
+        """The index of the node named `erlang_node` (e.g. a queue leader's node in the management API)."""
+        return next(i for i, n in enumerate(self.nodes) if n.nodename == erlang_node)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def start(self, i: int | None = None) -> "PrivateCluster":
+        """Without `i`: boot and join every node (see the class doc). With `i`: start node i again (after
+        `kill(i)`) and wait until the cluster runs it."""
+        if i is not None:
+            self.nodes[i].start()
+            self.wait_running(self.start_timeout_s)
+            return self
+        try:
+            seed = self.nodes[0].start()
+            for node in self.nodes[1:]:
+                node.start()
+                for args in (("stop_app",), ("reset",), ("join_cluster", seed.nodename), ("start_app",)):
+                    result = node._ctl(*args, timeout=self.start_timeout_s)  # noqa: SLF001 - our own node
+                    if result.returncode != 0:
+                        raise BrokerError(f"rabbitmqctl {' '.join(args)} on {node.nodename} failed:"
+                                          f" {(result.stderr or result.stdout).strip()}\n{node._output_tail()}")
+            self.wait_running(self.start_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def running_nodes(self) -> set[str]:
+        """Erlang names of the nodes the cluster runs, as a running node sees them (empty if none answers)."""
+        import json
+
+        for node in self.nodes:
+            if not node.running:
+                continue
+            try:
+                result = node._ctl("cluster_status", "--formatter", "json", timeout=30)  # noqa: SLF001
+                if result.returncode == 0:
+                    return set(json.loads(result.stdout)["running_nodes"])
+            except (subprocess.TimeoutExpired, ValueError, KeyError):
+                continue
+        return set()
+
+    def wait_running(self, timeout: float) -> None:
+        """Wait until the cluster runs exactly the nodes whose processes run and each of them answers AMQP
+        (and its management API, when on)."""
+        deadline = time.monotonic() + timeout
+        want = {n.nodename for n in self.nodes if n.running}
+        while time.monotonic() < deadline:
+            if (self.running_nodes() == want
+                    and all(n.answers() and n._management_answers() for n in self.nodes if n.running)):  # noqa: SLF001
+                return
+            time.sleep(0.5)
+        raise BrokerError(f"the cluster does not run {sorted(want)} after {timeout:.0f} s"
+                          f" (running: {sorted(self.running_nodes())})")
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node i's Erlang VM (its clients see their sockets reset)."""
+        self.nodes[i].kill()
+
+    def stop(self) -> None:
+        """SIGKILL every node's process group (its data is thrown away: nothing to stop gracefully for) and
+        remove the directory; idempotent."""
+        try:
+            for node in self.nodes:
+                node._kill_group()  # noqa: SLF001 - the script, the VM and its helpers, while not reaped
+                node.close()
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> "PrivateCluster":
+        return self.start()
+
+    def __exit__(self, *_exc) -> None:
+        self.stop()
