@@ -34,13 +34,13 @@ from common.transport.model_store import ModelStore
 from common.transport.publish import publish_message
 from common.wire import messages
 from common.wire.chunks import CompletedTransfer, Reassembler
-from common.wire.tensors import narrowed_dtypes, write_state
 from coordinator import checkpoint
 from coordinator.aggregator import AggregationRecord, Aggregator, ClientUpdate, UpdateKey, UpdateRejected
 from coordinator.dispatch import Dispatcher
 from coordinator.evaluator import export_best, exported, load_clips
 from coordinator.events import EventBook
 from coordinator.experiment import ExperimentConfig
+from coordinator.model_publisher import ModelPublisher
 from coordinator.record import RunRecord
 from coordinator.wal import WriteAheadLog
 
@@ -78,6 +78,7 @@ class Coordinator:
         self.spool_dir = self.run_dir / "spool"
         self.spool_dir.mkdir(exist_ok=True)
         self._writer: threading.Thread | None = None
+        self.publisher: ModelPublisher | None = None  # per session (coordinator/model_publisher.py)
         self._writer_error: BaseException | None = None
         self._reset()
 
@@ -255,8 +256,18 @@ class Coordinator:
                 f"the broker holds model version {latest.version} of {self.name} but the checkpoint in"
                 f" {self.run_dir} is at version {self.version}: point experiment.run_dir at this experiment's"
                 f" run directory, or start over with --fresh (deletes the experiment's queues)")
-        if latest is None or latest.version < self.version:
-            self._publish_model()
+        self.publisher = ModelPublisher(lambda: connect("coordinator", self.node, "models", self.url, attempts=3),
+                                        self.topo, self.run_dir, self.run_dir / "model-cache")
+        try:
+            if latest is None or latest.version < self.version:
+                self._publish_model()
+                self.publisher.drain()  # workers need it first
+            return self._serve(conn, ch)
+        finally:
+            self.publisher.close()
+            self.publisher = None
+
+    def _serve(self, conn, ch) -> dict:
         events = conn.channel()
         q = self.topo.listen(events, "coordinator", ("registration.#", "heartbeat.#", "metrics.#"))
         events.basic_consume(q, self._on_event, auto_ack=True)
@@ -275,6 +286,7 @@ class Coordinator:
         try:
             while True:
                 self._check_stop()
+                self.publisher.check()
                 self._dispatch()
                 self.consumer.poll(conn, 0.2)
                 expired = self.dispatcher.expire(time.time())
@@ -297,7 +309,11 @@ class Coordinator:
 
     def _finish(self, reason: str, conn, ch) -> dict:
         """Checkpoint; unless stopped by a signal, evaluate the final version (when the evaluator has not) and
-        test the exported best model, off this thread while it keeps the connection served."""
+        test the exported best model, off this thread while it keeps the connection served. The last
+        version is in the stream first (on a signal, a publication in flight may be cut short: see
+        coordinator/model_publisher.py)."""
+        if reason != "signal":
+            self.publisher.drain()
         self._checkpoint(wait=True)
         self.aggregator.release_buffer()  # the run is over: room for the export test's model
         test = None
@@ -425,6 +441,8 @@ class Coordinator:
         t1 = time.monotonic()
         if self.aggregator.buffered + 1 >= self.aggregator.config.buffer_size:
             self._join_writer()  # this update may step the model, which the checkpoint being written reads
+            if self.publisher is not None:  # None while the log is replayed
+                self.publisher.wait_framed()  # ... and the version being published
         try:
             result = self.aggregator.add(update)
         except UpdateRejected as exc:
@@ -501,16 +519,9 @@ class Coordinator:
         log.info("central_eval", version=version, accuracy=round(accuracy, 4), best=round(self.best["accuracy"], 4))
 
     def _publish_model(self) -> None:
-        """Publish the current version in `tasks.model_dtype`, framed into a file one tensor at a time (no
-        model-sized copy in memory)."""
-        path = self.run_dir / f".model-v{self.version}.{os.getpid()}.tmp"
-        try:
-            state = {n: t.detach() for n, t in self.state.items()}
-            with open(path, "wb") as f:
-                write_state(state, f, narrowed_dtypes(state, self.cfg.tasks.model_dtype))
-            self.store.publish(self.version, path)
-        finally:
-            path.unlink(missing_ok=True)
+        """Hand the current version to the publisher (its thread frames the live tensors into a file in
+        `tasks.model_dtype`, no model-sized copy in memory, then writes the stream)."""
+        self.publisher.submit(self.version, {n: t.detach() for n, t in self.state.items()}, self.cfg.tasks.model_dtype)
 
     def _new_version(self, record: AggregationRecord, replaying: bool = False) -> None:
         """Publish (workers need the model first), record, checkpoint when due (the evaluator evaluates it,

@@ -53,9 +53,11 @@ def _queue(api, name: str) -> dict:
 
 
 def _coordinator_nodes(api, fed: LocalFederation) -> set[str]:
-    """The cluster nodes the coordinator's connections are on (as the management statistics last saw)."""
-    conns = api.request("GET", "/api/connections?columns=name,user,node") or []
-    return {c["node"] for c in conns if c.get("user") == fed.users["coordinator"]}
+    """The cluster nodes the coordinator's main connections are on (as the management statistics last saw);
+    its model publisher's (`coordinator:<node>:models`) may be on another node."""
+    conns = api.request("GET", "/api/connections?columns=name,user,node,client_properties") or []
+    return {c["node"] for c in conns if c.get("user") == fed.users["coordinator"]
+            and not (c.get("client_properties") or {}).get("connection_name", "").endswith(":models")}
 
 
 def test_a_node_killed_mid_run_loses_no_update_and_the_run_completes(private_cluster, small_corpus_dir, tmp_path):
