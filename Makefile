@@ -53,6 +53,8 @@ benchmarks: broker data
 	$(PY) tests/benchmarks/transport.py
 	$(PY) tests/benchmarks/worker_throughput.py
 	$(PY) tests/benchmarks/coordinator_overhead.py
+	$(PY) tests/benchmarks/scale.py
+	$(PY) tests/benchmarks/downlink.py --data $(DATA_DIR)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache runs

@@ -4,7 +4,9 @@ results, which come after their version's line), `federated_eval` lines and a fi
 Each version line: `version`, `time_s` (seconds of experiment time), `accuracy` / `loss` (null: the
 evaluator reports them later, in an `eval` line; `versions()` joins them), `staleness` (of each applied
 update), `workers` and `tasks` (theirs), `updates`, `bytes_received` (wire bytes of the applied updates),
-`raw_bytes`, `compression_ratio`, `delta_norm`, `publish_s`. Lines are appended and flushed as versions
+`raw_bytes`, `compression_ratio`, `bytes_fetched` (model bytes the applied updates' tasks downloaded, as
+their workers report), `delta_norm`, `publish_s` (the ingest thread's time handing the version to the
+model publisher; its log line `model_version_out` has the publication's). Lines are appended and flushed as versions
 happen; on resume, lines for versions newer than the checkpoint are dropped (they are made again).
 """
 from __future__ import annotations

@@ -115,6 +115,7 @@ class Trainer:
         self.model = None
         self.model_key: tuple | None = None
         self.base: tuple[int, dict[str, torch.Tensor]] | None = None  # (version, state) of the last fetch
+        self.base_run: str | None = None  # the run it belongs to (a fresh start numbers versions from 0 again)
         self.fetched_bytes = 0  # model bytes downloaded for the current task
         self.status = "idle"
         self.tasks_done = 0
@@ -269,6 +270,8 @@ class Trainer:
         (before anything is published), TaskAborted on a stop, anything else when the task cannot be run."""
         key = (task.model, task.freeze_feature_encoder)
         model = self._model_for(*key)
+        if self.base_run != task.run_id:
+            self.base, self.base_run = None, task.run_id
         version, base = self._fetch(task.min_version)
         check_deadline(task, "fetching")
         self._load_state(model, key, version, base)

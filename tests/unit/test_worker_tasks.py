@@ -54,7 +54,7 @@ def _make_trainer(ef_path, version0) -> Trainer:
     t.worker_id, t.device, t.topo = "unit/cpu", "cpu", Topology("exp")
     t.ef, t.ef_path = None, ef_path
     t.stop_event = threading.Event()
-    t.model, t.model_key, t.base, t.fetched_bytes = None, None, None, 0
+    t.model, t.model_key, t.base, t.base_run, t.fetched_bytes = None, None, None, None, 0
     t.status, t.tasks_done = "idle", 0
     gen = torch.Generator().manual_seed(0)
     t.train_clips = Clips(torch.randn(16, 16000, generator=gen), torch.randint(0, 12, (16,), generator=gen))
@@ -278,3 +278,17 @@ def test_the_update_reports_the_model_bytes_its_task_downloaded(trainer):
     trainer._fetch = fetch
     assert _on(trainer, _train("t1")) is Outcome.ACK
     assert trainer.pub.updates()[0].metrics["fetched_bytes"] == 12345.0
+
+
+def test_a_version_held_from_another_run_is_not_trained_from(trainer, version0):
+    """A fresh start numbers versions from 0 again: version 3 of the last run is not version 3 of this one."""
+    trainer.base, trainer.base_run = (3, {n: t + 1 for n, t in version0.items()}), "an-earlier-run"
+    seen = []
+
+    def fetch(min_version):
+        seen.append(trainer.base)
+        return 0, trainer.versions[0]
+
+    trainer._fetch = fetch
+    assert _on(trainer, _train("t1")) is Outcome.ACK
+    assert seen == [None] and trainer.base_run == "run-1"
