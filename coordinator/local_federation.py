@@ -203,6 +203,28 @@ class LocalFederation:
         if self.urls:
             self.remove_users()
 
+    def delete_queues(self) -> None:
+        """Delete the experiment's queues and exchanges (as AMQP_URL's user, an operator)."""
+        from broker import topology
+        from common.transport.connection import connect
+
+        conn = connect("local-federation", device="teardown", url=self.env.get("AMQP_URL"), attempts=3)
+        try:
+            topology.delete(conn.channel(), topology.Topology(self.name))
+        finally:
+            conn.close()
+
+    def run_to_end(self, timeout: float) -> "LocalFederation":
+        """`start`, wait for the coordinator to finish (at most `timeout` s), `stop` the rest and delete the
+        experiment's queues; the run directory stays."""
+        self.start()
+        try:
+            self.wait_coordinator(timeout)
+        finally:
+            self.stop()
+            self.delete_queues()
+        return self
+
     def __enter__(self) -> "LocalFederation":
         return self
 

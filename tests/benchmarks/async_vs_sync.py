@@ -19,11 +19,11 @@ import os
 import time
 import uuid
 
-from broker import ensure, topology
+from broker import ensure
 from common.config import load_config
 from common.data import corpus
 from common.logs import configure
-from common.transport.connection import amqp_url, connect
+from common.transport.connection import amqp_url
 from coordinator.experiment import ExperimentConfig
 from coordinator.local_federation import LocalFederation
 
@@ -42,15 +42,8 @@ def run(mode: str, args, run_root: str) -> dict:
     cfg = load_config(ExperimentConfig, env={}, overrides=settings)
     workers = [{"shard": f"iid:{i + 1}/{args.workers}"} for i in range(args.workers)]
     workers[-1]["slowdown"] = args.slowdown
-    fed = LocalFederation(cfg, args.data, workers).start()
     started = time.monotonic()
-    try:
-        fed.wait_coordinator(timeout=args.max_minutes * 60 + 300)
-    finally:
-        fed.stop()
-        conn = connect("bench", device="teardown", attempts=3)
-        topology.delete(conn.channel(), topology.Topology(name))
-        conn.close()
+    fed = LocalFederation(cfg, args.data, workers).run_to_end(timeout=args.max_minutes * 60 + 300)
     versions = fed.versions()
     reached = [e for e in versions if e.get("accuracy") is not None and e["accuracy"] >= args.target]
     per_worker: dict[str, int] = {}

@@ -123,9 +123,7 @@ def _federated_accuracy(codec: str, args: argparse.Namespace) -> dict:
     number of versions; returns the exported best model's test accuracy and the wire/raw bytes it moved."""
     import uuid
 
-    from broker import topology
     from common.config import load_config
-    from common.transport.connection import connect
     from coordinator.demo import DEMO_SETTINGS
     from coordinator.experiment import ExperimentConfig
     from coordinator.local_federation import LocalFederation
@@ -135,14 +133,7 @@ def _federated_accuracy(codec: str, args: argparse.Namespace) -> dict:
                 "data.path": args.data, "tasks.codec": codec, "stop.target_accuracy": 0.0,
                 "stop.max_versions": args.versions, "stop.max_wall_s": 0.0}
     cfg = load_config(ExperimentConfig, env={}, overrides=settings)
-    fed = LocalFederation(cfg, args.data, [{"shard": "speaker:1/2"}, {"shard": "speaker:2/2"}]).start()
-    try:
-        fed.wait_coordinator(timeout=3600)
-    finally:
-        fed.stop()
-        conn = connect("bench", device="teardown", attempts=3)
-        topology.delete(conn.channel(), topology.Topology(name))
-        conn.close()
+    fed = LocalFederation(cfg, args.data, [{"shard": "speaker:1/2"}, {"shard": "speaker:2/2"}]).run_to_end(3600)
     summary, versions = fed.summary() or {}, fed.versions()
     wire, raw = sum(e["bytes_received"] for e in versions), sum(e["raw_bytes"] for e in versions)
     return {"test_accuracy": summary.get("test_accuracy"), "best_val": summary.get("best_accuracy"),

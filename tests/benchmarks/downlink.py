@@ -22,11 +22,11 @@ import time
 import uuid
 from pathlib import Path
 
-from broker import ensure, topology
+from broker import ensure
 from common.config import load_config
 from common.data import corpus
 from common.logs import configure
-from common.transport.connection import amqp_url, connect
+from common.transport.connection import amqp_url
 from coordinator.demo import DEMO_SETTINGS
 from coordinator.experiment import ExperimentConfig
 from coordinator.local_federation import LocalFederation
@@ -45,15 +45,9 @@ def run(arm: str, args: argparse.Namespace) -> dict:
                 "tasks.version_lag": int(lag)}
     cfg = load_config(ExperimentConfig, env={}, overrides=settings)
     workers = [{"shard": f"speaker:{i + 1}/{args.workers}", "node": f"w{i + 1}"} for i in range(args.workers)]
-    fed = LocalFederation(cfg, args.data, workers, least_privilege=ensure.management_answers(amqp_url())).start()
     started = time.monotonic()
-    try:
-        fed.wait_coordinator(timeout=3600)
-    finally:
-        fed.stop()
-        conn = connect("bench", device="teardown", attempts=3)
-        topology.delete(conn.channel(), topology.Topology(name))
-        conn.close()
+    fed = LocalFederation(cfg, args.data, workers, least_privilege=ensure.management_answers(amqp_url()))
+    fed.run_to_end(timeout=3600)
     versions = fed.versions()
     summary = fed.summary() or {}
     updates = sum(e["updates"] for e in versions)
