@@ -106,18 +106,19 @@ class ModelPublisher:
             channel = conn.channel()
             channel.confirm_delivery()
             store = ModelStore(channel, self.topo, cache_dir=self.cache_dir)
+            served = time.monotonic()
             while True:
                 with self._cond:
+                    if not self._jobs and not self._closed:
+                        self._cond.wait(0.5)  # a submit wakes it at once
                     job = self._jobs.popleft() if self._jobs else None
                     if job is None and self._closed:
                         return
-                if job is None:
-                    conn.process_data_events(time_limit=0.1)  # heartbeats between versions
-                    with self._cond:
-                        if not self._jobs and not self._closed:
-                            self._cond.wait(0.1)
-                    continue
-                self._publish(store, *job)
+                if job is not None:
+                    self._publish(store, *job)
+                if time.monotonic() - served >= 1.0:  # heartbeats between versions (no wait: time_limit=0)
+                    conn.process_data_events(time_limit=0)
+                    served = time.monotonic()
         except BaseException as exc:  # handed to the ingest thread (check)
             with self._cond:
                 self._error = exc
