@@ -47,6 +47,14 @@ from coordinator.wal import WriteAheadLog
 log = get_logger(__name__)
 
 
+def reported_fetched_bytes(metrics: dict) -> int:
+    """The model bytes an update says its task downloaded (the worker's word, for the run record only): 0
+    unless a number in [0, 2**40)."""
+    fetched = metrics.get("fetched_bytes", 0)
+    ok = isinstance(fetched, (int, float)) and not isinstance(fetched, bool) and 0 <= fetched < 2**40
+    return int(fetched) if ok else 0
+
+
 class Stop(MqfedError):
     """Raised inside the loop when the experiment reached its stop condition."""
 
@@ -470,8 +478,7 @@ class Coordinator:
             failpoint("coordinator.after_buffer")
         self.window["wire"] += msg.wire_bytes
         self.window["raw"] += msg.raw_bytes
-        fetched = msg.metrics.get("fetched_bytes", 0)  # the worker's word, for the record only
-        self.window["fetched"] += int(fetched) if isinstance(fetched, (int, float)) and 0 <= fetched < 2**40 else 0
+        self.window["fetched"] += reported_fetched_bytes(msg.metrics)
         if result.record is not None:
             self._new_version(result.record, replaying=bool(replayed))
         elif result.refused is not None:

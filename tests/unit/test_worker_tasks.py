@@ -292,3 +292,12 @@ def test_a_version_held_from_another_run_is_not_trained_from(trainer, version0):
     trainer._fetch = fetch
     assert _on(trainer, _train("t1")) is Outcome.ACK
     assert seen == [None] and trainer.base_run == "run-1"
+
+
+@pytest.mark.parametrize("value, counted", [(189e6, 189_000_000), (0.0, 0), (-5.0, 0), (float("nan"), 0),
+                                            (float("inf"), 0), (2.0**40, 0), (True, 0), ("1e9", 0), (None, 0)])
+def test_the_coordinator_counts_only_plausible_reported_download_bytes(value, counted):
+    from coordinator.server import reported_fetched_bytes
+
+    assert reported_fetched_bytes({"fetched_bytes": value}) == counted
+    assert reported_fetched_bytes({}) == 0
