@@ -23,7 +23,7 @@ from broker import definitions
 from broker.topology import Topology
 from common.errors import MqfedError
 from common.logs import get_logger
-from common.transport.connection import amqp_urls
+from common.transport.connection import amqp_urls, url_host
 
 log = get_logger(__name__)
 
@@ -48,7 +48,7 @@ class Management:
         if given:
             self.base_urls = [b.strip().rstrip("/") for b in given.split(",") if b.strip()]
         else:
-            self.base_urls = [f"http://{_host(n.hostname or 'localhost')}:15672" for n in nodes]
+            self.base_urls = [f"http://{url_host(n.hostname or 'localhost')}:15672" for n in nodes]
         self.base_url = self.base_urls[0]  # the API that answered last (requests start there)
         amqp_user = nodes[0]
         user = user or os.environ.get("MQFED_MANAGEMENT_USER") or urllib.parse.unquote(amqp_user.username or "guest")
@@ -139,8 +139,3 @@ def user_url(user: str, password: str, url: str | None = None) -> str:
         host = parsed.netloc.rsplit("@", 1)[-1]
         out.append(parsed._replace(netloc=f"{_q(user)}:{_q(password)}@{host}").geturl())
     return ",".join(out)
-
-
-def _host(hostname: str) -> str:
-    """`hostname` as it goes into a URL (an IPv6 address in brackets)."""
-    return f"[{hostname}]" if ":" in hostname else hostname

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from common.logs import get_logger
-from common.transport.connection import amqp_url, amqp_urls
+from common.transport.connection import amqp_url, amqp_urls, url_host
 
 log = get_logger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -178,9 +178,7 @@ def management_answers(url: str | None = None, timeout: float = 2.0) -> bool:
     """True when the management HTTP API answers on the broker's host (any HTTP status, 401 included); for
     a list of nodes, on any node's host."""
     for node_url in amqp_urls(url):
-        host = urllib.parse.urlparse(node_url).hostname or "localhost"
-        if ":" in host:
-            host = f"[{host}]"
+        host = url_host(urllib.parse.urlparse(node_url).hostname or "localhost")
         try:
             urllib.request.urlopen(f"http://{host}:{MANAGEMENT_PORT}/api/overview", timeout=timeout).close()
             return True

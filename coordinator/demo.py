@@ -38,9 +38,9 @@ DEMO_SETTINGS = {
 
 
 def main(args: argparse.Namespace) -> int:
-    from broker import ensure, topology
+    from broker import ensure
     from common.data import corpus
-    from common.transport.connection import amqp_url, broker_user, connect
+    from common.transport.connection import amqp_url, broker_user
     from coordinator.experiment import load_experiment
 
     if not ensure.ensure():
@@ -84,9 +84,7 @@ def main(args: argparse.Namespace) -> int:
     wall = time.monotonic() - started
     summary = fed.summary()
     if not args.keep:
-        conn = connect("demo", device="teardown", attempts=3)
-        topology.delete(conn.channel(), topology.Topology(name))
-        conn.close()
+        fed.delete_queues()
     if summary is None:
         print(f"the coordinator ended without a summary (exit {fed.coordinator.returncode});"
               f" see {fed.run_dir}/coordinator.log", file=sys.stderr)

@@ -46,7 +46,6 @@ class ModelPublisher:
         self._pending = 0  # submitted versions not yet published
         self._error: BaseException | None = None
         self._closed = False
-        self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-publisher", daemon=True)
         self._thread.start()
 

@@ -167,6 +167,11 @@ def amqp_urls(url: str | None = None) -> list[str]:
     return items
 
 
+def url_host(hostname: str) -> str:
+    """`hostname` as it goes into a URL (an IPv6 address in brackets)."""
+    return f"[{hostname}]" if ":" in hostname else hostname
+
+
 def connection_name(role: str, node: str | None = None, device: str | None = None) -> str:
     return f"{role}:{node or socket.gethostname()}:{device or '-'}"
 

@@ -135,9 +135,7 @@ def main() -> None:
                 time.sleep(0.1)
         finally:
             fed.stop()
-            conn = connect("bench", device="teardown", attempts=3)
-            topology.delete(conn.channel(), topo)
-            conn.close()
+            fed.delete_queues()
         logged = fed.events("coordinator.log", "update_logged")
         steps = fed.events("coordinator.log", "version")
         out = fed.events("coordinator.log", "model_version_out")

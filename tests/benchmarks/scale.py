@@ -358,9 +358,7 @@ def run_one(args, model: str, workers: int, buffer_size: int, data: Path, bank_d
             sampler.halt.set()
             sampler.join()
         try:
-            conn = connect("bench", device="teardown", attempts=3)
-            topology.delete(conn.channel(), topo)
-            conn.close()
+            fed.delete_queues()
         finally:
             if made_users:
                 _remove_users(api, topo, nodes)
