@@ -9,7 +9,7 @@ DATA_DIR ?= .cache/mqfed/synth-ks
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: venv broker test test-faults test-all lint data demo benchmarks clean
+.PHONY: venv broker test test-faults test-all lint data demo benchmarks benchmark-peer clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ benchmarks: broker data
 	$(PY) tests/benchmarks/coordinator_overhead.py
 	$(PY) tests/benchmarks/scale.py
 	$(PY) tests/benchmarks/downlink.py --data $(DATA_DIR)
+
+# mqfed beside Flower (tests/benchmarks/peer_flower.py; about 1 h 45 min on 2 cores): flwr only for this.
+benchmark-peer: broker data
+	$(PY) -m pip install -q -e ".[dev,peer]"
+	$(PY) tests/benchmarks/peer_flower.py --data $(DATA_DIR)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache runs
