@@ -4,8 +4,9 @@
   mqfed-coordinator evaluate --config experiment.toml [--device cuda:0]   the central evaluator (own process)
   mqfed-coordinator demo [--workers 2] [--minutes 6]     the whole thing on this machine (see coordinator/demo.py)
   mqfed-coordinator status --experiment NAME [--seconds 5]   queues, workers, versions, live
+  mqfed-coordinator status --experiment NAME --watch [--interval 2]   the same, redrawn until Ctrl-C
   mqfed-coordinator export --config experiment.toml --out DIR  the checkpoint's model, save_pretrained
-  mqfed-coordinator report RUN_DIR                         the run record as a table
+  mqfed-coordinator report RUN_DIR [--format text|json|html] [--out DIR]   the run record: table, JSON, plots
 
 `--set fedbuff.buffer_size=4` overrides one key (a TOML value); MQFED_<SECTION>_<KEY> does the same from
 the environment. AMQP_URL names the broker.
@@ -70,20 +71,32 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from coordinator import report
     from coordinator.record import RunRecord
 
-    lines = RunRecord(f"{args.run_dir}/record.jsonl").lines()
+    lines = RunRecord(Path(args.run_dir) / "record.jsonl").lines()
     if not lines:
         print(f"no run record in {args.run_dir}", file=sys.stderr)
         return 2
-    print(f"{'version':>8}{'time s':>9}{'accuracy':>10}{'updates':>9}{'staleness':>16}{'ratio':>8}  workers")
-    for e in RunRecord(f"{args.run_dir}/record.jsonl").versions():
-        acc = f"{e['accuracy']:.4f}" if e.get("accuracy") is not None else "-"
-        print(f"{e['version']:>8}{e['time_s']:>9.1f}{acc:>10}{e['updates']:>9}{str(e['staleness']):>16}"
-              f"{e.get('compression_ratio', 1):>8.1f}  {','.join(sorted(set(e['workers'])))}")
-    summary = [e for e in lines if e.get("kind") == "summary"]
-    if summary:
-        print(json.dumps(summary[-1]))
+    model = report.build(lines, running=report.lock_held(args.run_dir))
+    if args.format == "json":
+        print(report.render_json({"run_dir": str(args.run_dir), **model}))
+        return 0
+    if args.format == "text":
+        sys.stdout.write(report.render_text(model))
+        if model["summary"] is None:
+            print(report.STATES[model["state"]], file=sys.stderr)
+        return 0
+    try:
+        import matplotlib  # noqa: F401  (the plots need it; text and JSON do not)
+    except ImportError:
+        print("mqfed-coordinator report --format html needs matplotlib: pip install matplotlib", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.run_dir) / "report"
+    for path in report.write_html(model, out, title=f"mqfed run {Path(args.run_dir).resolve().name}"):
+        print(path)
     return 0
 
 
@@ -107,13 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--keep", action="store_true", help="keep the experiment's queues afterwards")
     status = sub.add_parser("status", help="watch an experiment: queues, workers, versions")
     status.add_argument("--experiment", required=True)
-    status.add_argument("--seconds", type=float, default=5.0)
+    status.add_argument("--seconds", type=float, default=5.0, help="listen this long (one snapshot)")
+    status.add_argument("--watch", action="store_true", help="redraw until Ctrl-C/SIGTERM: in place on a"
+                        " terminal, timestamped lines in a log (docs/operations.md#watching-a-federation)")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between redraws (--watch)")
     export = sub.add_parser("export", help="export the checkpoint's model with save_pretrained")
     export.add_argument("--config", default=None)
     export.add_argument("--out", required=True)
     export.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    report = sub.add_parser("report", help="print a run record")
+    report = sub.add_parser("report", help="a run record: table, JSON, or plots and an HTML page",
+                            description="Report a run (finished, running or crashed) from RUN_DIR/record.jsonl.")
     report.add_argument("run_dir")
+    report.add_argument("--format", choices=("text", "json", "html"), default="text",
+                        help="text: the version table, then the summary as JSON (default); json: the report model"
+                             " as one JSON object; html: PNG plots and one self-contained report.html (matplotlib)")
+    report.add_argument("--out", default=None, help="html: the directory for the PNGs and report.html"
+                                                    " (default RUN_DIR/report)")
     args = p.parse_args(argv)
     configure()
     if args.command in ("run", "evaluate", "demo", "export"):

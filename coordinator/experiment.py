@@ -11,6 +11,7 @@ Sections (all optional; defaults are the CPU demo's):
 [local]               # the local work each train task asks for (common.learning.training.TrainConfig fields)
 [tasks]               # deadlines, evaluation cadence, codec
 [stop]                # when the experiment ends
+[metrics]             # common.metrics.MetricsSection: the coordinator's Prometheus endpoint (port 0: off)
 ```
 Loaded with `common.config.load_config(ExperimentConfig, path)`; see docs/configuration.md for every key.
 """
@@ -25,6 +26,7 @@ from common.config import load_config, parse_overrides, rule, validate
 from common.errors import InvalidValue
 from common.learning.model import ModelSpec
 from common.learning.training import TrainConfig
+from common.metrics import MetricsSection
 from common.wire.tensors import WIRE_FLOAT_DTYPES
 from coordinator.aggregator import AggregatorConfig
 from coordinator.dispatch import MODES
@@ -167,6 +169,7 @@ class ExperimentConfig:
     tasks: TasksSection = TasksSection()
     checkpoint: CheckpointSection = CheckpointSection()
     stop: StopSection = StopSection()
+    metrics: MetricsSection = MetricsSection()
 
 
 def load_experiment(path: str | None, sets: list[str] | None = None) -> ExperimentConfig:

@@ -6,8 +6,13 @@ evaluator reports them later, in an `eval` line; `versions()` joins them), `stal
 update), `workers` and `tasks` (theirs), `updates`, `bytes_received` (wire bytes of the applied updates),
 `raw_bytes`, `compression_ratio`, `bytes_fetched` (model bytes the applied updates' tasks downloaded, as
 their workers report), `delta_norm`, `publish_s` (the ingest thread's time handing the version to the
-model publisher; its log line `model_version_out` has the publication's). Lines are appended and flushed as versions
-happen; on resume, lines for versions newer than the checkpoint are dropped (they are made again).
+model publisher; its log line `model_version_out` has the publication's), `counters` (the run's cumulative
+counts so far, the summary's `counters` as of this version: `accepted`, `duplicates`, `applied_updates`,
+`steps`, `step_refused`, `rejected` (by reason), `dead_lettered`, `stale_dropped`, `codec_errors`,
+`tasks_expired`, `answered_dropped`, `issued`, `dead_letters_by_error` (this session's consumer); records
+written before it have none: `coordinator/report.py` then takes the summary's). Lines are appended and
+flushed as versions happen; on resume, lines for versions newer than the checkpoint are dropped (they are
+made again). `mqfed-coordinator report RUN_DIR` prints and plots the record (coordinator/report.py).
 """
 from __future__ import annotations
 

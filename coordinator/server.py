@@ -28,6 +28,7 @@ from common.failpoints import failpoint
 from common.learning.model import build_model, parameter_count
 from common.learning.training import evaluate
 from common.logs import get_logger
+from common.metrics import CoordinatorMetrics
 from common.transport.connection import connect, run_forever, serve_while
 from common.transport.consumer import Delivery, MessageConsumer, Outcome
 from common.transport.model_store import ModelStore
@@ -88,6 +89,8 @@ class Coordinator:
         self._writer: threading.Thread | None = None
         self.publisher: ModelPublisher | None = None  # per session (coordinator/model_publisher.py)
         self._writer_error: BaseException | None = None
+        self.metrics = CoordinatorMetrics(lambda: self.version, lambda: self.aggregator.buffered,  # served by run()
+                                          lambda: len(self.events.workers), lambda: self.last_eval)
         self._reset()
 
     # -- state -------------------------------------------------------------------------------------------
@@ -201,10 +204,12 @@ class Coordinator:
             self._start_over()
         self.run_id = self._run_id()
         try:
+            self.metrics.serve(self.cfg.metrics.port, self.cfg.metrics.host)
             summary = run_forever(self._session, "coordinator", self.node, self.name, self.url,
                                   stop=self._stop_requested)
             return summary if summary is not None else self.summary("signal")
         finally:
+            self.metrics.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
@@ -287,6 +292,7 @@ class Coordinator:
                                                                 timeout_s=self.cfg.tasks.transfer_timeout_s,
                                                                 journaled=True),
                                         consumer_tag=f"coordinator:{self.node or os.uname().nodename}:{os.getpid()}")
+        self.metrics.track_consumer(self.consumer.stats)
         self.consumer.recover()
         log.info("coordinator_started", experiment=self.name, version=self.version, mode=self.cfg.fedbuff.mode,
                  params=parameter_count(self.model), concurrency=self.cfg.fedbuff.concurrency,
@@ -300,6 +306,7 @@ class Coordinator:
                 expired = self.dispatcher.expire(time.time())
                 if expired:
                     self.counters["tasks_expired"] += len(expired)
+                    self.metrics.tasks_expired(len(expired))
                     log.warning("tasks_expired", count=len(expired), version=self.version)
         except Stop as stop:
             return self._finish(str(stop), conn, ch)
@@ -356,11 +363,17 @@ class Coordinator:
             "final_accuracy": self.last_eval["accuracy"] if self.last_eval else None,
             "export": str(self.export_dir) if self.export_dir.exists() else None,
             "max_unserved_s": round(self.consumer.stats.max_unserved_s, 3) if hasattr(self, "consumer") else None,
-            "counters": {**self.aggregator.counters, **self.counters, "issued": self.dispatcher.issued,
-                         "dead_letters_by_error": dict(self.consumer.stats.rejected) if hasattr(self, "consumer") else {}},
+            "counters": self.counts(),
             "workers": sorted(self.events.workers),
             "events_dropped": dict(self.events.dropped),
         }
+
+    def counts(self) -> dict:
+        """The run's cumulative counts so far (the summary's `counters`, and each version line's): the
+        aggregator's, the coordinator's, tasks issued, and this session's consumer's dead letters by error."""
+        return {**self.aggregator.counters, "rejected": dict(self.aggregator.counters["rejected"]), **self.counters,
+                "issued": self.dispatcher.issued,
+                "dead_letters_by_error": dict(self.consumer.stats.rejected) if hasattr(self, "consumer") else {}}
 
     # -- messages ----------------------------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -371,6 +384,7 @@ class Coordinator:
                 freeze_feature_encoder=self.cfg.model.freeze_feature_encoder, local=self.cfg.local)
             publish_message(self.pub, self.topo.task_exchange, self.topo.TASKS_KEY, task, message_id=planned.task_id,
                             expiration=str(int(self.cfg.tasks.deadline_s * 1000)))
+            self.metrics.tasks_issued()
 
     def _on_event(self, _ch, method, props, body) -> None:
         """One event, admitted by the event book (bounded, checked against the broker-validated sender)."""
@@ -400,6 +414,7 @@ class Coordinator:
         self._check_sender(msg, delivery.properties)
         if self.aggregator.seen(UpdateKey(msg.experiment, msg.task_id, msg.worker_id, msg.base_version)):
             self.dispatcher.finished(msg.task_id, False, self.version)
+            self.metrics.dropped("duplicate")
             return Outcome.ACK  # applied already (a redelivery): its payload is not needed
         why = self.dispatcher.check(msg.task_id, self.version, self.aggregator.config.max_staleness)
         if why == "forged":
@@ -407,6 +422,7 @@ class Coordinator:
                                         f" this run")
         if why is not None:  # answered already by another update, or issued too long ago: dropped, counted
             self.counters["stale_dropped" if why == "stale" else "answered_dropped"] += 1
+            self.metrics.dropped(why)
             log.warning("update_rejected", reason=why, task_id=msg.task_id, worker_id=msg.worker_id,
                         base_version=msg.base_version)
             return Outcome.ACK
@@ -439,6 +455,7 @@ class Coordinator:
                                         f" float32 values ({4 * elements} bytes)")
         except codecs.CodecError as exc:
             self.counters["codec_errors"] += 1
+            self.metrics.rejected("codec")
             self.counters["dead_lettered"] += 1
             self.dispatcher.finished(msg.task_id, False, version)
             raise messages.InvalidField(f"update {msg.task_id} from {msg.worker_id}: payload: {exc}") from None
@@ -457,11 +474,14 @@ class Coordinator:
             self.dispatcher.finished(msg.task_id, False, version)
             if exc.reason == "stale":
                 self.counters["stale_dropped"] += 1
+                self.metrics.dropped("stale")
                 return Outcome.ACK  # acknowledged, counted, dropped
             self.counters["dead_lettered"] += 1
+            self.metrics.rejected(exc.reason)
             raise messages.InvalidField(f"update {msg.task_id} from {msg.worker_id} rejected: {exc}") from None
         self.dispatcher.finished(msg.task_id, result.status == "accepted", version)
         if result.status == "duplicate":
+            self.metrics.dropped("duplicate")
             return Outcome.ACK
         t2 = time.monotonic()
         if replayed:
@@ -475,6 +495,8 @@ class Coordinator:
                      wire_bytes=msg.wire_bytes, decode_s=round(t1 - t0, 4), aggregate_s=round(t2 - t1, 4),
                      log_s=round(now - t2, 4), buffered_after_s=round(t2 - arrived, 4),
                      durable_after_s=round(now - arrived, 4), stepped=result.record is not None)
+            self.metrics.accepted(msg.worker_id.split("/", 1)[0], msg.wire_bytes, msg.raw_bytes,
+                                  reported_fetched_bytes(msg.metrics), now - arrived)
             failpoint("coordinator.after_buffer")
         self.window["wire"] += msg.wire_bytes
         self.window["raw"] += msg.raw_bytes
@@ -501,6 +523,7 @@ class Coordinator:
         self.window = {"wire": 0, "raw": 0, "fetched": 0}
         if any(e.get("kind") == "step_refused" and e.get("wal_seq") == wal_seq for e in self.record.lines()):
             return
+        self.metrics.dropped("step_refused", len(refused.task_ids))
         self.record.append({"kind": "step_refused", "version": refused.version, "wal_seq": wal_seq,
                             "time_s": round(self.elapsed(), 2), "tasks": list(refused.task_ids),
                             "workers": list(refused.worker_ids), "reason": refused.reason,
@@ -542,11 +565,12 @@ class Coordinator:
                  "bytes_received": self.window["wire"], "raw_bytes": self.window["raw"],
                  "compression_ratio": round(self.window["raw"] / max(1, self.window["wire"]), 2),
                  "bytes_fetched": self.window["fetched"],
-                 "delta_norm": round(record.delta_norm, 6)}
+                 "delta_norm": round(record.delta_norm, 6), "counters": self.counts()}
         self.window = {"wire": 0, "raw": 0, "fetched": 0}
         if replaying:
             self.record.append(entry)
             return
+        self.metrics.stepped(record.staleness)
         started = time.monotonic()
         self._publish_model()
         entry["publish_s"] = round(time.monotonic() - started, 3)
@@ -574,6 +598,7 @@ class Coordinator:
                 started = time.monotonic()
                 checkpoint.save(self.ckpt_path, state)
                 self.wal.cut(seq)
+                self.metrics.checkpoint_written(version)
                 log.info("checkpoint_written", version=version, wal_seq=seq, bytes=self.ckpt_path.stat().st_size,
                          seconds=round(time.monotonic() - started, 3))
             except BaseException as exc:  # handed to the main thread at the next join

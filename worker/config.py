@@ -16,6 +16,8 @@ delay_s = 0.0                    # experiments: plus this many seconds per task
 heartbeat_s = 10.0
 inline_max_bytes = 1048576       # update payloads up to this size ride inside the update message (<= 63 MiB)
 chunk_bytes = 8388608            # larger ones travel in chunks of this size (below the broker's limit)
+metrics_port = 0                 # Prometheus endpoint: the trainer of devices[i] serves on metrics_port + i (0: off)
+metrics_host = "127.0.0.1"       # the address it listens on
 ```
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import socket
 from common.config import rule, validate
 from common.data.shards import ShardSpec
 from common.errors import InvalidValue
+from common.metrics import check_host
 from common.wire.messages import MAX_MESSAGE_BYTES
 
 INLINE_LIMIT = MAX_MESSAGE_BYTES - 1024 * 1024  # the largest inline update payload (see inline_max_bytes)
@@ -48,6 +51,10 @@ class WorkerSection:
     # MAX_MESSAGE_BYTES: leave room for the message's other fields.
     inline_max_bytes: int = rule(1024 * 1024, ge=1024, le=INLINE_LIMIT, what="an int in [1024, 64 MiB - 1 MiB]")
     chunk_bytes: int = rule(8 * 1024 * 1024, ge=1024, le=MAX_MESSAGE_BYTES, what="an int in [1024, 64 MiB]")
+    # Prometheus metrics (docs/operations.md#metrics): one endpoint per trainer process, devices[i] on
+    # metrics_port + i; 0: none.
+    metrics_port: int = rule(0, ge=0, le=65535, what="a port in [0, 65535] (0: off)")
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         validate(self, "worker")
@@ -61,6 +68,14 @@ class WorkerSection:
         if len(set(self.devices)) != len(self.devices):
             raise InvalidValue(f"worker.devices lists a device twice: {self.devices}")
         ShardSpec.parse(self.shard)
+        check_host(self.metrics_host, "worker.metrics_host")
+        if self.metrics_port and self.metrics_port + len(self.devices) - 1 > 65535:
+            raise InvalidValue(f"worker.metrics_port {self.metrics_port} + {len(self.devices) - 1} (one port per"
+                               f" device) is above 65535")
+
+    def metrics_port_of(self, device: str) -> int:
+        """The metrics port of the trainer of `device` (0: none)."""
+        return self.metrics_port + self.devices.index(device) if self.metrics_port else 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,7 @@ from common.failpoints import failpoint
 from common.learning.model import ModelLoadError, ModelSpec, build_model
 from common.learning.training import Clips, evaluate, train
 from common.logs import configure, get_logger
+from common.metrics import WorkerMetrics
 from common.transport.connection import RETRYABLE, run_forever, serve_while
 from common.transport.consumer import Delivery, MessageConsumer, Outcome
 from common.transport.model_store import ModelNotFound, ModelStore, default_cache_dir
@@ -79,6 +80,15 @@ def _chunk_failpoints(index: int, count: int) -> None:
         failpoint("worker.after_first_chunk")
 
 
+def gpu_memory(device: str):
+    """A reader of (allocated, reserved) bytes on `device` for the metrics (read at scrape time; 0 before CUDA
+    starts); None for a CPU trainer."""
+    if not device.startswith("cuda"):
+        return None
+    index = int(device[5:])
+    return lambda: (torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index))
+
+
 def load_shards(data: str, shard: str) -> tuple[Clips, Clips | None]:
     """(train clips, validation clips or None) of `shard` of the data set at `data`. Raises DataError."""
     from datasets import load_from_disk
@@ -119,6 +129,13 @@ class Trainer:
         self.fetched_bytes = 0  # model bytes downloaded for the current task
         self.status = "idle"
         self.tasks_done = 0
+        # What heartbeats say besides the status (`mqfed-coordinator status --watch`): the task running now, the
+        # samples/s of the last training, and the last update published (task id, base version, time.time()).
+        self.task_id = ""
+        self.samples_per_s = 0.0
+        self.last_update: tuple[str, int, float] = ("", -1, 0.0)
+        self.metrics = WorkerMetrics(w.node, device, lambda: self.base[0] if self.base is not None else None,
+                                     lambda: self.status == "busy", gpu_memory(device))  # served by _trainer_main
         log.info("trainer_ready", worker=self.worker_id, shard=w.shard, train_clips=len(self.train_clips),
                  val_clips=len(self.val_clips) if self.val_clips else 0)
 
@@ -159,8 +176,10 @@ class Trainer:
             self.w.experiment, self.w.node, [self.device], self.w.shard, len(self.train_clips)))
 
     def _heartbeat(self) -> None:
-        self._publish_event("heartbeat", messages.Heartbeat(self.w.experiment, self.w.node, self.device, time.time(),
-                                                            self.status))
+        task, base, when = self.last_update
+        self._publish_event("heartbeat", messages.Heartbeat(
+            self.w.experiment, self.w.node, self.device, time.time(), self.status, task_id=self.task_id,
+            samples_per_s=self.samples_per_s, last_update_task=task, last_update_base=base, last_update_unix=when))
 
     # -- tasks ---------------------------------------------------------------------------------------------
     def _on_task(self, delivery: Delivery) -> Outcome:
@@ -190,20 +209,24 @@ class Trainer:
         is in this trainer's `task_failed` line, under the task id."""
         task = delivery.message
         if not isinstance(task, (messages.TrainTask, messages.EvaluateTask)) or task.experiment != self.w.experiment:
+            self.metrics.task_failed("not_a_task")
             raise messages.InvalidField(f"not a task of experiment {self.w.experiment}: {type(task).__name__}")
         if task.deadline_unix < time.time():
             log.info("task_expired_on_arrival", task_id=task.task_id, worker=self.worker_id)
+            self.metrics.task_failed("expired_on_arrival")
             return Outcome.ACK
-        self.status = "busy"
+        self.status, self.task_id = "busy", task.task_id
         try:
             if isinstance(task, messages.TrainTask):
                 self._train_task(task)
             else:
                 self._evaluate_task(task)
         except TaskAborted:
+            self.metrics.task_failed("returned")
             log.info("task_returned", task_id=task.task_id, worker=self.worker_id, reason="shutting down")
             return Outcome.REQUEUE
         except TaskExpired as exc:
+            self.metrics.task_failed("expired")
             log.warning("task_expired", task_id=task.task_id, worker=self.worker_id, stage=exc.stage, step=exc.step,
                         total=exc.total, late_s=round(exc.late_s, 2))
             return Outcome.ACK
@@ -213,22 +236,38 @@ class Trainer:
             self._task_failed(task, exc)
             return Outcome.DEAD_LETTER
         finally:
-            self.status = "idle"
+            self.status, self.task_id = "idle", ""
         failpoint("worker.before_task_ack")
         self.tasks_done += 1
+        self.metrics.task_done("train" if isinstance(task, messages.TrainTask) else "evaluate")
         return Outcome.ACK
 
     def _task_failed(self, task, exc: Exception) -> None:
         """Log why `task` is dead-lettered; after a failure on a GPU, give its cached memory back."""
+        self.metrics.task_failed(type(exc).__name__)
         log.error("task_failed", task_id=task.task_id, worker=self.worker_id, error=f"{type(exc).__name__}: {exc}",
                   error_type=type(exc).__name__, exc_info=False if isinstance(exc, MqfedError) else exc)
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
     def _wait_for(self, fn, *args):
-        """`fn(*args)` off this thread while the connection is served; training checks `self.abort`."""
+        """`fn(*args)` off this thread while the connection is served, heartbeating at once (the task it runs)
+        and every `heartbeat_s` (a timer the connection's event processing runs on this thread); training
+        checks `self.abort`."""
         self.abort = threading.Event()
-        return serve_while(self.conn, fn, *args, abort=self.abort, name=f"train-{self.device}")
+        timer = None
+
+        def beat():
+            nonlocal timer
+            self._heartbeat()
+            timer = self.conn.call_later(self.w.heartbeat_s, beat)
+
+        timer = self.conn.call_later(0, beat)
+        try:
+            return serve_while(self.conn, fn, *args, abort=self.abort, name=f"train-{self.device}")
+        finally:
+            if self.conn.is_open:
+                self.conn.remove_timeout(timer)
 
     def _model_for(self, name: str, freeze_feature_encoder: bool) -> torch.nn.Module:
         """The model architecture a task names: the trainer's model when it is that one, else a new one
@@ -260,6 +299,7 @@ class Trainer:
             fetched = self.store.fetch()
         version = fetched.announcement.version
         self.fetched_bytes = 0 if fetched.from_cache else fetched.announcement.size_bytes
+        self.metrics.fetched(self.fetched_bytes)
         if version < min_version:
             log.warning("training_behind", worker=self.worker_id, base_version=version, min_version=min_version)
         self.base = (version, decode_state(fetched.path.read_bytes()))
@@ -303,6 +343,7 @@ class Trainer:
             return result
 
         result = self._wait_for(work)
+        self.metrics.trained(result.samples, result.seconds)
         trained = model.state_dict()
         delta = {n: (trained[n].detach().float().cpu() - base[n].float()) for n in base if base[n].is_floating_point()}
         ef = self._residual_for(task.run_id)
@@ -319,6 +360,8 @@ class Trainer:
                                                  "fetched_bytes": float(self.fetched_bytes)},
             codec=encoded.codec, raw_bytes=encoded.raw_bytes, wire_bytes=encoded.wire_bytes, payload=payload)
         publish_message(self.pub, self.topo.update_exchange, self.topo.UPDATES_KEY, update, message_id=task.task_id)
+        self.last_update, self.samples_per_s = (task.task_id, version, time.time()), result.samples_per_s
+        self.metrics.published(encoded.wire_bytes)
         ef.commit(pending)  # confirmed: what compression dropped waits for the next update
         try:
             ef.save(self.ef_path)
@@ -384,7 +427,12 @@ def _trainer_main(cfg: WorkerConfig, device: str, url: str | None, threads: int)
     trainer = Trainer(cfg, device, url)
     signal.signal(signal.SIGTERM, trainer.request_stop)
     signal.signal(signal.SIGINT, trainer.request_stop)
-    trainer.run()
+    # One endpoint per trainer process: devices[i] on worker.metrics_port + i (docs/operations.md#metrics).
+    trainer.metrics.serve(cfg.worker.metrics_port_of(device), cfg.worker.metrics_host, key="worker.metrics_port")
+    try:
+        trainer.run()
+    finally:
+        trainer.metrics.close()
 
 
 def threads_per_trainer(cfg: WorkerConfig) -> int:

@@ -8,6 +8,7 @@ exhaust memory. No pickle anywhere: only msgpack scalars, lists, maps and bytes 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -119,13 +120,40 @@ class Registration:
     shard_size: int
 
 
+MAX_TASK_ID = 256  # a Heartbeat's task ids (the coordinator's are 29 characters: coordinator/dispatch.py)
+
+
 @dataclass(frozen=True)
 class Heartbeat:
+    """A trainer is alive, and what it is doing (for `mqfed-coordinator status --watch`).
+
+    The fields after `status` are optional (a heartbeat of an older worker decodes with these defaults):
+    `task_id`, the task it runs now ("" between tasks); `samples_per_s` of its last training (0.0: none
+    yet); its last update published: the task it answered (`last_update_task`, "" none), the version it
+    trained from (`last_update_base`, -1 none) and when it was published (`last_update_unix`, this worker's
+    clock, 0.0 none)."""
+
     experiment: str
     node: str
     device: str
     sent_unix: float
     status: str = "idle"
+    task_id: str = ""
+    samples_per_s: float = 0.0
+    last_update_task: str = ""
+    last_update_base: int = -1
+    last_update_unix: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("task_id", "last_update_task"):
+            if len(getattr(self, name)) > MAX_TASK_ID:
+                raise InvalidField(f"{name}: longer than {MAX_TASK_ID} characters")
+        for name in ("samples_per_s", "last_update_unix"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise InvalidField(f"{name}: must be a finite number >= 0, got {value!r}")
+        if self.last_update_base < -1:
+            raise InvalidField(f"last_update_base: must be >= -1 (-1: none), got {self.last_update_base}")
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,19 @@ LOADER_CASES = {
                                    ["norm_bound_window must be an int >= 1, got 0", "MQFED_FEDBUFF_NORM_BOUND_WINDOW"]),
     "negative-norm-bound-initial": ("experiment", "[fedbuff]\nnorm_bound_initial = -1.0\n", {},
                                     ["norm_bound_initial must be a finite number > 0 or None, got -1.0"]),
+    "metrics-port-out-of-range": ("experiment", "[metrics]\nport = 70000\n", {},
+                                  ["metrics.port must be a port in [0, 65535] (0: off), got 70000", "(from "]),
+    "env-metrics-port-not-a-number": ("experiment", "", {"MQFED_METRICS_PORT": "http"},
+                                      ["metrics.port: expected int, got str 'http' (from MQFED_METRICS_PORT)"]),
+    "env-metrics-host-with-spaces": ("experiment", "", {"MQFED_METRICS_HOST": "0.0.0.0 --evil"},
+                                     ["metrics.host must be a host name or an IP address", "MQFED_METRICS_HOST"]),
+    "worker-metrics-port-out-of-range": ("worker", "[worker]\nmetrics_port = -1\n", {},
+                                         ["worker.metrics_port must be a port in [0, 65535] (0: off), got -1"]),
+    "worker-metrics-ports-past-65535": ("worker", '[worker]\nmetrics_port = 65535\ndevices = ["cuda:0", "cuda:1"]\n',
+                                        {}, ["worker.metrics_port 65535 + 1 (one port per device) is above 65535"]),
+    "worker-env-metrics-host-a-url": ("worker", "", {"MQFED_WORKER_METRICS_HOST": "http://0.0.0.0/"},
+                                      ["worker.metrics_host must be a host name or an IP address",
+                                       "MQFED_WORKER_METRICS_HOST"]),
 }
 
 

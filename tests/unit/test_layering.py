@@ -15,7 +15,7 @@ FIRST_PARTY = ("broker", "common", "coordinator", "worker")
 LAYERS = {
     "common.errors": 0,
     "common.config": 1, "common.logs": 1, "common.failpoints": 1,
-    "common.data": 2,
+    "common.data": 2, "common.metrics": 2,
     "common.learning": 3,
     "common.wire": 4,
     "common.compression": 5,
@@ -25,7 +25,7 @@ LAYERS = {
 }
 #: Pure: values in, values out. No broker client anywhere beneath them.
 PURE = ("common.errors", "common.config", "common.logs", "common.failpoints", "common.data", "common.learning",
-        "common.wire", "common.compression", "coordinator.aggregator", "coordinator.staleness",
+        "common.wire", "common.compression", "common.metrics", "coordinator.aggregator", "coordinator.staleness",
         "coordinator.server_optim", "coordinator.dispatch")
 
 

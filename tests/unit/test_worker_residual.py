@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from common.learning.config import TrainConfig
+from common.metrics import WorkerMetrics
 from common.wire import messages
 from worker.daemon import Trainer
 
@@ -34,7 +35,7 @@ def _trainer(tmp_path, pub):
         w=types.SimpleNamespace(experiment="exp", inline_max_bytes=1024, chunk_bytes=1024, slowdown=1.0, delay_s=0.0),
         worker_id="w1/cpu", topo=types.SimpleNamespace(update_exchange="x", UPDATES_KEY="updates"), pub=pub, ef=None,
         ef_path=tmp_path / "residual.bin", device="cpu", stop_event=types.SimpleNamespace(is_set=lambda: False),
-        fetched_bytes=0, base=None, base_run=None)
+        fetched_bytes=0, base=None, base_run=None, metrics=WorkerMetrics("w1", "cpu"))
     trainer._model_for = lambda name, freeze: model
     trainer._fetch = lambda version: (0, base)
     trainer._residual_for = lambda run_id: Trainer._residual_for(trainer, run_id)

@@ -16,6 +16,7 @@ from broker.topology import Topology
 from common.learning.config import TrainConfig
 from common.learning.model import ModelLoadError, ModelSpec, build_model
 from common.learning.training import Clips
+from common.metrics import WorkerMetrics
 from common.transport.consumer import Outcome
 from common.wire import messages
 from worker import daemon
@@ -56,6 +57,7 @@ def _make_trainer(ef_path, version0) -> Trainer:
     t.stop_event = threading.Event()
     t.model, t.model_key, t.base, t.base_run, t.fetched_bytes = None, None, None, None, 0
     t.status, t.tasks_done = "idle", 0
+    t.metrics = WorkerMetrics("unit", "cpu")
     gen = torch.Generator().manual_seed(0)
     t.train_clips = Clips(torch.randn(16, 16000, generator=gen), torch.randint(0, 12, (16,), generator=gen))
     t.val_clips = Clips(torch.randn(8, 16000, generator=gen), torch.randint(0, 12, (8,), generator=gen))
