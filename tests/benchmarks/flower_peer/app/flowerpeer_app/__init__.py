@@ -1,0 +1,1 @@
+"""The deployment arm's ServerApp and ClientApp (see flower_peer/README.md)."""
