@@ -299,6 +299,11 @@ def test_a_connection_lost_mid_training_stops_the_training_thread_before_the_wor
     from worker.daemon import Trainer
 
     class DroppedConnection:
+        is_open = False
+
+        def call_later(self, delay, callback):  # the heartbeat timer: never runs, the connection is gone
+            return object()
+
         def process_data_events(self, time_limit=None):
             raise pika.exceptions.StreamLostError("Stream connection lost: ConnectionResetError(104)")
 

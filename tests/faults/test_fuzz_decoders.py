@@ -45,6 +45,7 @@ from hypothesis import strategies as st
 from common.compression import codecs
 from common.compression.sparse import SparseTensor
 from common.learning.config import TrainConfig
+from common.metrics import WorkerMetrics
 from common.wire import messages
 from common.wire.chunks import ChunkError, Reassembler, publish_chunked
 from common.wire.tensors import TensorFormatError, decode_state, encode_state
@@ -529,6 +530,7 @@ class _Channel:
 def _fake_trainer(reached: list):
     return types.SimpleNamespace(
         worker_id="w1/cpu", w=types.SimpleNamespace(experiment="exp"), status="idle", tasks_done=0,
+        metrics=WorkerMetrics("w1", "cpu"),
         _train_task=lambda task: reached.append(task), _evaluate_task=lambda task: reached.append(task))
 
 
