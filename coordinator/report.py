@@ -340,11 +340,16 @@ def _accuracy(fig, model: dict) -> None:
             _integer_x(ax)
         ax.set_title(f"Accuracy against {'wall time' if x == 'time_s' else 'versions'}")
         ax.grid(alpha=0.3)
-        if central["version"] or fed["version"]:
-            _legend(ax, always=True)
-        else:
-            _no_data(ax, "no evaluation yet")
-            _blank(ax)
+        _legend_or_none(ax, bool(central["version"] or fed["version"]))
+
+
+def _legend_or_none(ax, evaluated: bool) -> None:
+    """The legend of an evaluation plot, or "no evaluation yet" on a blank axis."""
+    if evaluated:
+        _legend(ax, always=True)
+    else:
+        _no_data(ax, "no evaluation yet")
+        _blank(ax)
 
 
 def _loss(fig, model: dict) -> None:
@@ -357,11 +362,7 @@ def _loss(fig, model: dict) -> None:
     ax.set(xlabel="model version", ylabel="cross-entropy loss (nats per clip)", title="Validation loss")
     _integer_x(ax)
     ax.grid(alpha=0.3)
-    if central["version"] or fed["version"]:
-        _legend(ax, always=True)
-    else:
-        _no_data(ax, "no evaluation yet")
-        _blank(ax)
+    _legend_or_none(ax, bool(central["version"] or fed["version"]))
 
 
 def _staleness(fig, model: dict) -> None:
