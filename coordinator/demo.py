@@ -8,7 +8,8 @@
    (`speaker:i/N`), one CPU thread each;
 5. show progress (version, accuracy, workers, staleness) until the coordinator stops (target accuracy or
    --minutes), stop the workers with SIGTERM, print a summary table and, last, one JSON line
-   `{"test_accuracy": ..., "wall_s": ..., "versions": ..., "export": "PATH"}`.
+   `{"test_accuracy": ..., "unseen_accuracy": ..., "wall_s": ..., "versions": ..., "export": "PATH"}`
+   (`unseen_accuracy`: on the corpus's unseen-speaker split, null when it has none).
 Logs of every process are in the run directory. The experiment's queues are deleted afterwards (--keep
 leaves them for the management UI).
 """
@@ -90,8 +91,8 @@ def main(args: argparse.Namespace) -> int:
               f" see {fed.run_dir}/coordinator.log", file=sys.stderr)
         return 1
     _print_table(summary, fed.versions(), wall)
-    print(json.dumps({"test_accuracy": summary.get("test_accuracy"), "wall_s": round(wall, 1),
-                      "versions": summary["versions"], "export": summary["export"]}))
+    print(json.dumps({"test_accuracy": summary.get("test_accuracy"), "unseen_accuracy": summary.get("unseen_accuracy"),
+                      "wall_s": round(wall, 1), "versions": summary["versions"], "export": summary["export"]}))
     return 0
 
 
@@ -112,6 +113,8 @@ def _print_table(summary: dict, versions: list[dict], wall: float) -> None:
                                               f" (version {reached[0]['version']})"
                                               if reached else "not reached"),
         ("test accuracy (exported model)", f"{summary.get('test_accuracy', float('nan')):.4f}"),
+        ("unseen-speaker accuracy (exported model)", f"{summary['unseen_accuracy']:.4f}"
+         if summary.get("unseen_accuracy") is not None else "- (the data set has no unseen-speaker split)"),
         ("updates applied", counters.get("applied_updates")),
         ("updates per worker", ", ".join(f"{w}: {n}" for w, n in sorted(per_worker.items()))),
         ("mean staleness", f"{sum(stale) / len(stale):.2f}" if stale else "-"),

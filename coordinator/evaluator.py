@@ -47,6 +47,18 @@ def load_clips(cfg: ExperimentConfig, split_name: str, max_clips: int = 0) -> Cl
     return Clips.from_arrays(*to_arrays(split))
 
 
+def has_split(cfg: ExperimentConfig, split_name: str) -> bool:
+    """Whether the experiment's data set has `split_name` (False for "" and where there is no data set)."""
+    from datasets import load_from_disk
+
+    if not split_name:
+        return False
+    try:
+        return split_name in load_from_disk(cfg.data.path)
+    except FileNotFoundError:
+        return False
+
+
 def export_best(model, export_dir: Path, info: dict) -> None:
     """Replace `export_dir` with `model` (`save_pretrained` + feature extractor) and `mqfed.json` (`info`),
     atomically by renames: a reader sees the old export or the new one, never half of one."""

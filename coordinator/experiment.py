@@ -5,7 +5,7 @@ Sections (all optional; defaults are the CPU demo's):
 ```toml
 [experiment]          # name, seed, where the run directory goes
 [model]               # common.learning.model.ModelSpec: preset / hub id / local path, freeze_feature_encoder
-[data]                # the held-out set the coordinator evaluates on
+[data]                # the held-out sets the coordinator evaluates on (validation, test, unseen speakers)
 [fedbuff]             # coordinator.aggregator.AggregatorConfig + mode and concurrency
 [server_optimizer]    # coordinator.server_optim.ServerOptimizerConfig
 [local]               # the local work each train task asks for (common.learning.training.TrainConfig fields)
@@ -33,6 +33,7 @@ from coordinator.dispatch import MODES
 from coordinator.server_optim import ServerOptimizerConfig
 
 _NAME_OK = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_SPLIT_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")  # a `datasets` split name
 _FEDBUFF = AggregatorConfig()  # the one source of the aggregator settings' defaults
 
 
@@ -60,15 +61,20 @@ class ExperimentSection:
 class DataSection:
     """path: a KS data set directory (`mqfed-worker data ...`). The coordinator tracks progress, picks the
     best model and checks `stop.target_accuracy` on `eval_split` (at most `eval_max_clips` clips of it,
-    0: all), and reports the exported best model's accuracy on `test_split` at the end."""
+    0: all), and reports the exported best model's accuracy on `test_split` at the end, and on
+    `unseen_split` too (`unseen_accuracy`: speakers that share nothing with training) when the data set has
+    that split (older corpora do not: then it is skipped with a log line; "" never evaluates it)."""
 
     path: str = ".cache/mqfed/synth-ks"
     eval_split: str = rule("validation", choices=("train", "validation", "test"))
     eval_max_clips: int = rule(0, ge=0)
     test_split: str = rule("test", choices=("train", "validation", "test"))
+    unseen_split: str = "test_unseen"
 
     def __post_init__(self) -> None:
         validate(self, "data")
+        if self.unseen_split and not _SPLIT_OK.match(self.unseen_split):
+            raise InvalidValue(f"data.unseen_split {self.unseen_split!r} must match {_SPLIT_OK.pattern} (or be \"\")")
 
 
 @dataclasses.dataclass(frozen=True)

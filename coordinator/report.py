@@ -519,7 +519,8 @@ def _rows(pairs: Iterable[tuple[str, Any]]) -> str:
 SUMMARY_ROWS = (("reason", "stopped by", None), ("versions", "versions", None), ("wall_s", "wall time (s)", "s"),
                 ("best_accuracy", "best validation accuracy", "pct"), ("best_version", "best version", None),
                 ("final_accuracy", "final validation accuracy", "pct"),
-                ("test_accuracy", "test accuracy of the export", "pct"), ("export", "export", None))
+                ("test_accuracy", "test accuracy of the export", "pct"),
+                ("unseen_accuracy", "unseen-speaker accuracy of the export", "pct"), ("export", "export", None))
 
 
 def _pct(value: Any) -> Any:

@@ -38,7 +38,7 @@ from common.wire.chunks import CompletedTransfer, Reassembler
 from coordinator import checkpoint
 from coordinator.aggregator import AggregationRecord, Aggregator, ClientUpdate, UpdateKey, UpdateRejected
 from coordinator.dispatch import Dispatcher
-from coordinator.evaluator import export_best, exported, load_clips
+from coordinator.evaluator import export_best, exported, has_split, load_clips
 from coordinator.events import EventBook
 from coordinator.experiment import ExperimentConfig
 from coordinator.model_publisher import ModelPublisher
@@ -344,17 +344,26 @@ class Coordinator:
         return summary
 
     def _test_export(self) -> dict | None:
-        """Load the exported best model the way a user would and evaluate it on the test split."""
+        """Load the exported best model the way a user would and evaluate it on the test split, and on the
+        unseen-speaker split (`data.unseen_split`) when the data set has one (`unseen_accuracy`: None when not)."""
         if not self.export_dir.exists():
             return None
         from transformers import AutoModelForAudioClassification
 
         model = AutoModelForAudioClassification.from_pretrained(self.export_dir)
-        result = evaluate(model, load_clips(self.cfg, self.cfg.data.test_split))
-        log.info("export_tested", split=self.cfg.data.test_split, accuracy=round(result.accuracy, 4),
-                 version=self.best["version"])
-        return {"test_accuracy": round(result.accuracy, 4), "test_loss": round(result.loss, 4),
-                "test_per_class": {k: round(v, 4) for k, v in result.per_class.items()}}
+        out: dict = {}
+        unseen = self.cfg.data.unseen_split
+        for prefix, split in (("test", self.cfg.data.test_split), ("unseen", unseen)):
+            if prefix == "unseen" and not has_split(self.cfg, split):
+                log.info("export_unseen_skipped", split=split or None, path=self.cfg.data.path,
+                         why="the data set has no such split" if split else "data.unseen_split is empty")
+                out["unseen_accuracy"] = None
+                continue
+            result = evaluate(model, load_clips(self.cfg, split))
+            log.info("export_tested", split=split, accuracy=round(result.accuracy, 4), version=self.best["version"])
+            out.update({f"{prefix}_accuracy": round(result.accuracy, 4), f"{prefix}_loss": round(result.loss, 4),
+                        f"{prefix}_per_class": {k: round(v, 4) for k, v in result.per_class.items()}})
+        return out
 
     def summary(self, reason: str) -> dict:
         return {

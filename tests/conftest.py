@@ -1,7 +1,7 @@
 """Fixtures shared by every test directory.
 
 `tiny_corpus`: the synthetic KS corpus (common/data/corpus.py) for `tiny_spec`: four training clips and
-two validation/test clips per label (96 clips, well under a second of espeak-ng), built once per session
+two validation/test/test_unseen clips per label (120 clips, about a second of espeak-ng), built once per session
 into a temporary directory (`tiny_corpus_dir`) and opened with `load_from_disk`.
 `small_corpus_dir`: a synthetic corpus big enough to learn from in a minute (30 training, 10
 validation/test clips per label), built once per session.

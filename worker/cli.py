@@ -1,6 +1,7 @@
 """`mqfed-worker`: the worker daemon and its data tools.
 
-  mqfed-worker data synth --out DIR [--seed N] [--per-class N]     make the synthetic KS corpus (cached)
+  mqfed-worker data synth --out DIR [--seed N] [--per-class N]     make the synthetic KS corpus (cached;
+        [--augment speed,tempo,...|all] [--augment-p P] [--augment-eval] [--no-unseen]    docs/data.md)
   mqfed-worker data speech-commands --src DIR --out DIR             convert Speech Commands v0.01 (SUPERB KS)
   mqfed-worker data hub --source superb|speech_commands --out DIR   fetch SUPERB KS from the Hugging Face hub
   mqfed-worker data show DIR [--shard SPEC]                         splits, label counts, speakers of a data set
@@ -24,12 +25,15 @@ def _data(args: argparse.Namespace) -> int:
     from datasets import load_from_disk
 
     from common.data import corpus, speech_commands
-    from common.data.dataset import SPLITS, DataError, check_splits, label_counts
+    from common.data.dataset import DataError, check_splits, label_counts, present_splits
     from common.data.shards import select_shard
 
     if args.data_command == "synth":
         dd = corpus.build(args.out, corpus.SynthSpec(seed=args.seed, per_class=args.per_class,
-                                                                 eval_per_class=args.eval_per_class))
+                                                     eval_per_class=args.eval_per_class,
+                                                     augment=tuple(a for a in args.augment.split(",") if a),
+                                                     augment_p=args.augment_p, augment_eval=args.augment_eval,
+                                                     unseen=args.unseen))
         out = args.out
     elif args.data_command == "speech-commands":
         dd = speech_commands.load_directory(args.src)
@@ -46,7 +50,7 @@ def _data(args: argparse.Namespace) -> int:
             raise DataError(str(exc)) from None
         check_splits(dd, args.dir)
         out = args.dir
-    for split in SPLITS:
+    for split in present_splits(dd):
         ds = dd[split] if not getattr(args, "shard", None) else select_shard(dd[split], args.shard, split)
         counts = label_counts(ds)
         print(f"{split:<11}{len(ds):>7} clips {len(set(ds['speaker'])):>5} speakers  "
@@ -64,7 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--out", required=True)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--per-class", type=int, default=300, help="training clips per label")
-    synth.add_argument("--eval-per-class", type=int, default=None, help="validation/test clips per label")
+    synth.add_argument("--eval-per-class", type=int, default=None, help="validation/test/test_unseen clips per label")
+    synth.add_argument("--augment", default="", metavar="NAMES",
+                       help="comma-separated synthesis-time augmentations: speed, tempo, formant, reverb, band, "
+                            "noise, mask, voices, or all (default: none)")
+    synth.add_argument("--augment-p", type=float, default=0.5, help="probability of each augmentation per clip")
+    synth.add_argument("--augment-eval", action="store_true", help="augment validation/test/test_unseen clips too")
+    synth.add_argument("--no-unseen", dest="unseen", action="store_false",
+                       help="leave out the test_unseen split (held-out voice families)")
     sc = dsub.add_parser("speech-commands", help="Speech Commands v0.01 directory, SUPERB KS protocol")
     sc.add_argument("--src", required=True)
     sc.add_argument("--out", required=True)

@@ -8,7 +8,9 @@ Columns:
 - `speaker`: who spoke it (a voice+variant for synthetic data, the hash prefix for Speech Commands).
 - `word`: the word spoken (`""` for `_silence_`), so `_unknown_` clips say what they were.
 
-Splits are `train`, `validation`, `test` in a `DatasetDict`.
+Splits are `train`, `validation`, `test` in a `DatasetDict` (required), optionally with `test_unseen`:
+a second held-out split whose speakers share no voice family with the others (the synthetic corpus makes
+it; docs/data.md). Shards are only ever drawn from `train` and `validation`.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from common.data.labels import KS_LABELS
 from common.errors import MqfedError
 
 SPLITS = ("train", "validation", "test")
+OPTIONAL_SPLITS = ("test_unseen",)
 FEATURES = Features({
     "audio": Sequence(Value("float32"), length=CLIP_SAMPLES),
     "label": ClassLabel(names=list(KS_LABELS)),
@@ -85,9 +88,15 @@ def label_counts(ds: Dataset) -> dict[str, int]:
     return {name: int(c) for name, c in zip(KS_LABELS, counts)}
 
 
+def present_splits(dd: DatasetDict) -> tuple[str, ...]:
+    """The required splits, then the optional ones `dd` has."""
+    return SPLITS + tuple(s for s in OPTIONAL_SPLITS if s in dd)
+
+
 def check_splits(dd: DatasetDict, name: str = "data set") -> None:
-    """Every split present, in KS format, and not empty."""
-    for split in SPLITS:
+    """Every required split present; it and every optional split present in KS format and not empty.
+    Other extra splits are left alone."""
+    for split in present_splits(dd):
         if split not in dd:
             raise DataError(f"{name}: no {split!r} split (has {list(dd)})")
         check_format(dd[split], f"{name}[{split}]")

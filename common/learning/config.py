@@ -9,6 +9,8 @@ from common.errors import InvalidValue
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
+SPEED_RANGE = (0.5, 2.0)  # the bounds of TrainConfig.speed
+SNR_RANGE = (-20.0, 100.0)  # the bounds of TrainConfig.noise_snr_db, in dB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +27,19 @@ class TrainConfig:
     time_shift_s: augmentation, roll each clip by up to this many seconds either way (0: off).
     label_smoothing: cross-entropy label smoothing (0: off; 0.1 helped kws-tiny on unheard voices).
     seed: batch order, augmentation and dropout.
+
+    Augmentation of each training batch (docs/augmentation.md), applied in this order before the time shift and
+    the per-clip normalisation; each is off by default, and with all off training is bit-identical to before:
+    speed: speed perturbation, [low, high] factors (within [0.5, 2]): each clip is resampled by a factor drawn
+      uniformly from the range (pitch and tempo together, linear interpolation; 1.1 is 10 % faster), then
+      centre-cropped or zero-padded back to 1 s (None: off).
+    gain_db: random gain, each clip scaled by a factor drawn uniformly from [-gain_db, +gain_db] dB and clipped
+      to [-1, 1] as a recording would saturate (0: off; the per-clip normalisation undoes the scale itself, so
+      what remains is the clipping of loud clips).
+    noise_snr_db: additive white Gaussian noise at a signal-to-noise ratio drawn uniformly from [low, high] dB
+      per clip (within [-20, 100]; a silent clip stays silent) (None: off).
+    time_masks, time_mask_ms: time masking (SpecAugment on the waveform): `time_masks` spans per clip, each of a
+      width drawn uniformly from [0, time_mask_ms] milliseconds at a uniform position, set to zero (0: off).
     """
 
     steps: int = rule(0, ge=0)
@@ -39,11 +54,30 @@ class TrainConfig:
     time_shift_s: float = rule(0.1, ge=0)
     seed: int = rule(0, ge=0)
     label_smoothing: float = rule(0.1, ge=0, lt=1)
+    speed: tuple[float, float] | None = None
+    gain_db: float = rule(0.0, ge=0, le=40)
+    noise_snr_db: tuple[float, float] | None = None
+    time_masks: int = rule(0, ge=0, le=32)
+    time_mask_ms: float = rule(0.0, ge=0, le=1000)
 
     def __post_init__(self) -> None:
         validate(self)
+        for name, low, high in (("speed", SPEED_RANGE[0], SPEED_RANGE[1]), ("noise_snr_db", SNR_RANGE[0], SNR_RANGE[1])):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            pair = tuple(float(v) for v in value)  # a TOML array or a msgpack list arrives as a list
+            if not (len(pair) == 2 and all(math.isfinite(v) for v in pair) and low <= pair[0] <= pair[1] <= high):
+                raise InvalidValue(f"TrainConfig.{name} must be [low, high] with {low} <= low <= high <= {high}, "
+                                   f"or None, got {value!r}")
+            object.__setattr__(self, name, pair)
         if self.steps == 0 and self.epochs == 0:
             raise InvalidValue("TrainConfig: set steps or epochs (both are 0)")
+
+    @property
+    def augments(self) -> bool:
+        """Whether any augmentation other than the time shift is on."""
+        return bool(self.speed or self.gain_db or self.noise_snr_db or (self.time_masks and self.time_mask_ms))
 
     def total_steps(self, n: int) -> int:
         return self.steps or max(1, math.ceil(self.epochs * n / self.batch_size))

@@ -2,8 +2,9 @@
 runs for central evaluation. No broker, no disk.
 
 `train(model, clips, config, device)` trains `model` in place with AdamW (or SGD), linear warm-up and an
-optional linear or cosine decay, gradient clipping, optional label smoothing, and a random time shift as
-augmentation; on CUDA under bf16 autocast. On CPU it is repeatable: the same seed, data and config give
+optional linear or cosine decay, gradient clipping, optional label smoothing, a random time shift and the
+optional augmentations of `augment` (speed, gain, noise, time masks; off by default); on CUDA under bf16
+autocast. On CPU it is repeatable: the same seed, data and config give
 the same weights. `evaluate` gives accuracy, loss and per-class accuracy.
 """
 from __future__ import annotations
@@ -101,6 +102,68 @@ def _shift(batch: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.T
     return torch.where(valid, batch.gather(1, src.clamp(0, length - 1)), torch.zeros((), dtype=batch.dtype))
 
 
+def _speed(batch: torch.Tensor, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    """Resample each clip by its own factor f in [low, high] (linear interpolation: f > 1 is faster and higher),
+    then centre-crop or zero-pad the content (length/f samples) back to the clip length (vectorised)."""
+    n, length = batch.shape
+    factor = low + (high - low) * torch.rand((n, 1), generator=gen, dtype=torch.float64)
+    content = torch.floor(length / factor)  # samples the resampled clip has
+    offset = torch.div(length - content, 2, rounding_mode="floor")  # < 0: centre crop
+    src = (torch.arange(length, dtype=torch.float64).unsqueeze(0) - offset) * factor  # where output j reads
+    valid = (src >= 0) & (src <= length - 1)
+    left = src.floor().clamp(0, length - 1).long()
+    right = (left + 1).clamp(max=length - 1)
+    frac = (src - left).clamp(0, 1).to(batch.dtype)
+    out = batch.gather(1, left) * (1 - frac) + batch.gather(1, right) * frac
+    return torch.where(valid, out, torch.zeros((), dtype=batch.dtype))
+
+
+def _gain(batch: torch.Tensor, max_db: float, gen: torch.Generator) -> torch.Tensor:
+    """Scale each clip by 10^(g/20), g uniform in [-max_db, max_db] dB, clipped to [-1, 1] like a recording."""
+    db = (2 * torch.rand((batch.shape[0], 1), generator=gen) - 1) * max_db
+    return (batch * torch.pow(10.0, db / 20)).clamp(-1.0, 1.0)
+
+
+def _noise(batch: torch.Tensor, low_db: float, high_db: float, gen: torch.Generator) -> torch.Tensor:
+    """Add white Gaussian noise to each clip at an SNR drawn uniformly from [low_db, high_db]: the noise is scaled
+    to exactly the clip's mean power / 10^(SNR/10) (a silent clip stays silent)."""
+    n = batch.shape[0]
+    snr_db = low_db + (high_db - low_db) * torch.rand((n, 1), generator=gen)
+    noise = torch.randn(batch.shape, generator=gen, dtype=batch.dtype)
+    signal_power = batch.double().pow(2).mean(-1, keepdim=True)
+    noise_power = noise.double().pow(2).mean(-1, keepdim=True)
+    scale = (signal_power / (noise_power * torch.pow(10.0, snr_db.double() / 10))).sqrt()
+    return batch + (noise.double() * scale).to(batch.dtype)
+
+
+def _time_mask(batch: torch.Tensor, masks: int, max_width: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero `masks` spans per clip, each of a width uniform in [0, max_width] samples at a uniform start
+    (SpecAugment's time masking on the waveform; spans may overlap). Vectorised with a difference array."""
+    n, length = batch.shape
+    width = torch.randint(0, max_width + 1, (n, masks), generator=gen)
+    start = (torch.rand((n, masks), generator=gen) * (length - width + 1)).long().clamp(max=length)
+    delta = torch.zeros((n, length + 1), dtype=torch.int32)
+    delta.scatter_add_(1, start, torch.ones_like(start, dtype=torch.int32))
+    delta.scatter_add_(1, (start + width).clamp(max=length), -torch.ones_like(start, dtype=torch.int32))
+    covered = delta.cumsum(1)[:, :length] > 0
+    return batch.masked_fill(covered, 0.0)
+
+
+def augment(batch: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """`config`'s augmentation of a (N, samples) batch of raw clips, before the time shift and normalisation:
+    speed perturbation, gain, additive noise, time masking, each only when on (what is off draws nothing from
+    `gen`, so with all off training is what it was without them)."""
+    if config.speed is not None:
+        batch = _speed(batch, *config.speed, gen)
+    if config.gain_db:
+        batch = _gain(batch, config.gain_db, gen)
+    if config.noise_snr_db is not None:
+        batch = _noise(batch, *config.noise_snr_db, gen)
+    if config.time_masks and config.time_mask_ms:
+        batch = _time_mask(batch, config.time_masks, int(config.time_mask_ms * SAMPLE_RATE / 1000), gen)
+    return batch
+
+
 def train(model: torch.nn.Module, clips: Clips, config: TrainConfig, device: str | torch.device = "cpu",
           on_step: Callable[[int, int, float], None] | None = None) -> TrainResult:
     """Train `model` in place on `clips`; returns loss, samples, seconds and steps.
@@ -130,7 +193,7 @@ def train(model: torch.nn.Module, clips: Clips, config: TrainConfig, device: str
             order, pos = torch.randperm(len(clips), generator=gen), 0
         idx = order[pos:pos + config.batch_size]
         pos += config.batch_size
-        x = normalize(_shift(clips.audio[idx], max_shift, gen)).to(device, non_blocking=True)
+        x = normalize(_shift(augment(clips.audio[idx], config, gen), max_shift, gen)).to(device, non_blocking=True)
         y = clips.labels[idx].to(device, non_blocking=True)
         for group in opt.param_groups:
             group["lr"] = config.learning_rate * _lr_factor(step, total, config)

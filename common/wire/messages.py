@@ -18,7 +18,8 @@ import msgpack
 from common.errors import MqfedError
 from common.learning.config import TrainConfig
 
-SCHEMA_VERSION = 2  # 2: TrainTask carries typed local-training settings (`local`), not an options map
+SCHEMA_VERSION = 3  # 2: TrainTask carries typed local-training settings (`local`), not an options map;
+#                    3: `local` gained the augmentation fields (speed, gain_db, noise_snr_db, time_masks, time_mask_ms)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # inline payloads are limited to this; bigger ones travel chunked
 _MAX_STR = 1024 * 1024
 _MAX_ARRAY = 100_000
@@ -217,11 +218,8 @@ def _check(name: str, value, hint) -> object:
             except InvalidField:
                 pass
         raise InvalidField(f"{name}: expected {hint}, got {type(value).__name__}")
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise InvalidField(f"{name}: expected a list, got {type(value).__name__}")
-        return [_check(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin in (list, tuple):
+        return _check_array(name, value, hint)
     if origin is dict:
         key_t, val_t = typing.get_args(hint)
         if not isinstance(value, dict):
@@ -240,6 +238,20 @@ def _check(name: str, value, hint) -> object:
             raise InvalidField(f"{name}: expected {hint.__name__}, got {type(value).__name__}")
         return value
     raise InvalidField(f"{name}: unsupported field type {hint}")
+
+
+def _check_array(name: str, value, hint) -> list | tuple:
+    """A msgpack array as `list[T]`, or as a fixed-length `tuple[T, ...]` (TrainConfig's ranges): exactly that
+    many items."""
+    items = typing.get_args(hint)
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list):
+            raise InvalidField(f"{name}: expected a list, got {type(value).__name__}")
+        return [_check(f"{name}[{i}]", v, items[0]) for i, v in enumerate(value)]
+    if not isinstance(value, list) or len(value) != len(items):
+        raise InvalidField(f"{name}: expected a list of {len(items)} items, got {type(value).__name__}"
+                           + (f" of {len(value)}" if isinstance(value, list) else ""))
+    return tuple(_check(f"{name}[{i}]", v, item) for i, (v, item) in enumerate(zip(value, items)))
 
 
 def _struct(name: str, value, cls: type):

@@ -123,6 +123,9 @@ _FAR = 4_000_000_000.0
 MESSAGE_SEEDS = [
     messages.TrainTask("exp", "run-1", "t1", 3, _FAR, "topk:0.01", "kws-tiny", False,
                        TrainConfig(steps=50, epochs=1.0, batch_size=16, learning_rate=1e-4)),
+    messages.TrainTask("exp", "run-1", "t2", 3, _FAR, "none", "kws-tiny", False,
+                       TrainConfig(steps=5, speed=(0.9, 1.1), gain_db=6.0, noise_snr_db=(5.0, 20.0), time_masks=2,
+                                   time_mask_ms=40.0)),
     messages.EvaluateTask("exp", "e1", 4, "validation", _FAR),
     messages.Update("exp", "t1", "node-a/cpu", 3, 128, {"loss": 0.5}, "none", 400, 2,
                     messages.PayloadRef(inline=b"\0\1")),
@@ -546,7 +549,7 @@ def _deliver_task(trainer, data: bytes) -> _Channel:
     return ch
 
 
-_TASK_BYTES = [messages.encode(m) for m in MESSAGE_SEEDS[:2]] + _MESSAGE_BYTES[2:4]
+_TASK_BYTES = [messages.encode(m) for m in MESSAGE_SEEDS[:3]] + _MESSAGE_BYTES[3:5]  # the tasks and two updates
 
 
 @FUZZ
@@ -566,8 +569,12 @@ def test_worker_task_path_settles_every_delivery_once_and_runs_only_valid_tasks(
 
 
 @pytest.mark.parametrize("local", [{"epochs": [1.0]}, {"warmup_steps": None}, {"time_shift_s": {}},
-                                   {"batch_size": 0}, {"optimizer": "adam"}],
-                         ids=["epochs-list", "warmup-none", "time-shift-map", "batch-size-0", "unknown-optimizer"])
+                                   {"batch_size": 0}, {"optimizer": "adam"}, {"speed": [0.9]}, {"speed": [2.0, 0.5]},
+                                   {"speed": "fast"}, {"noise_snr_db": [0.0, 1e300]}, {"gain_db": 1e300},
+                                   {"time_masks": 10**9}, {"time_mask_ms": -1.0}],
+                         ids=["epochs-list", "warmup-none", "time-shift-map", "batch-size-0", "unknown-optimizer",
+                              "speed-one-item", "speed-reversed", "speed-string", "snr-huge", "gain-huge",
+                              "time-masks-huge", "time-mask-negative"])
 def test_a_train_task_with_local_settings_of_the_wrong_type_is_dead_lettered_not_fatal_to_the_trainer(local):
     from worker.daemon import TaskAborted, Trainer
 

@@ -34,6 +34,7 @@ def test_federation_of_two_worker_processes_trains_to_the_target_accuracy(experi
     assert summary["reason"] == "target_accuracy", summary
     assert summary["best_accuracy"] >= 0.3
     assert summary["test_accuracy"] is not None
+    assert "unseen_accuracy" in summary  # None for a corpus without the unseen-speaker split
     # The accuracy came from the evaluator process, not from the coordinator's ingest loop.
     evaluated = fed.events("evaluator.log", "evaluated")
     assert evaluated and fed.events("coordinator.log", "central_eval")

@@ -42,10 +42,10 @@ def test_label_id_of_an_unknown_label_raises_naming_it():
 
 # --- synthetic corpus -----------------------------------------------------------------------------------
 
-def test_synthetic_corpus_has_three_splits_in_ks_format(tiny_corpus):
-    assert isinstance(tiny_corpus, DatasetDict) and set(tiny_corpus) == set(SPLITS)
+def test_synthetic_corpus_has_three_splits_and_test_unseen_in_ks_format(tiny_corpus):
+    assert isinstance(tiny_corpus, DatasetDict) and set(tiny_corpus) == set(SPLITS) | {"test_unseen"}
     check_splits(tiny_corpus)
-    for split in SPLITS:
+    for split in (*SPLITS, "test_unseen"):
         ds = tiny_corpus[split]
         assert isinstance(ds.features["label"], ClassLabel)
         assert ds.features["label"].names == SUPERB_KS_LABELS
