@@ -56,7 +56,7 @@ benchmarks: broker data
 	$(PY) tests/benchmarks/scale.py
 	$(PY) tests/benchmarks/downlink.py --data $(DATA_DIR)
 
-# mqfed beside Flower (tests/benchmarks/peer_flower.py; about 1 h 45 min on 2 cores): flwr only for this.
+# mqfed beside Flower (tests/benchmarks/peer_flower.py; about 26 min per repeat, 80 min for the 3 on 2 cores): flwr only for this.
 benchmark-peer: broker data
 	$(PY) -m pip install -q -e ".[dev,peer]"
 	$(PY) tests/benchmarks/peer_flower.py --data $(DATA_DIR)
