@@ -129,9 +129,7 @@ def main() -> None:
     def capped(a: str) -> float | None:
         return med([t if t is not None else cap for t in times[a]]) if a in times else None
 
-    line = {f"{a}_s": capped(a) for a in ARMS}
-    line = {"mqfed_async_s": line["mqfed_async_s"], "mqfed_sync_s": line["mqfed_sync_s"],
-            "flower_s": line["flower_s"], "flower_legacy_s": line["flower_legacy_s"]}
+    line = {f"{a}_s": capped(a) for a in ARMS}  # mqfed_async_s, mqfed_sync_s, flower_s, flower_legacy_s
     if line["flower_s"] and line["mqfed_async_s"]:
         line["speedup_vs_flower"] = round(line["flower_s"] / line["mqfed_async_s"], 2)
     if line["mqfed_sync_s"] and line["flower_legacy_s"]:
