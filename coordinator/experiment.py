@@ -24,6 +24,7 @@ from broker.topology import DEFAULT_MODEL_RETENTION_BYTES
 from common.compression.codecs import DEFAULT_CODEC, parse_codec
 from common.config import load_config, parse_overrides, rule, validate
 from common.errors import InvalidValue
+from common.learning.config import SCHEDULES
 from common.learning.model import ModelSpec
 from common.learning.training import TrainConfig
 from common.metrics import MetricsSection
@@ -120,7 +121,10 @@ class TasksSection:
     model_dtype: the precision model versions travel in to workers and the evaluator (the coordinator keeps
     float32; a tensor the dtype cannot hold travels as float32). version_lag: a worker may train from a
     cached version up to this many versions older than the newest at issue instead of downloading the
-    newest (async mode). docs/federation.md, Downlink."""
+    newest (async mode). docs/federation.md, Downlink. lr_decay, lr_decay_versions, lr_floor: each train
+    task's `local.learning_rate` times `decay_factor(lr_decay, version at issue, lr_decay_versions, lr_floor)`
+    (common/learning/config.py): `constant` (the default) leaves it as configured; `cosine` or `linear`
+    falls to `lr_floor` of it at version `lr_decay_versions` and stays there (docs/federation.md)."""
 
     deadline_s: float = rule(600.0, gt=0)
     eval_every: int = rule(1, ge=0)
@@ -129,6 +133,9 @@ class TasksSection:
     transfer_timeout_s: float = rule(120.0, gt=0)
     model_dtype: str = rule("float16", choices=WIRE_FLOAT_DTYPES)
     version_lag: int = rule(0, ge=0)
+    lr_decay: str = rule("constant", choices=SCHEDULES)
+    lr_decay_versions: int = rule(100, ge=1)
+    lr_floor: float = rule(0.1, gt=0, le=1)
 
     def __post_init__(self) -> None:
         validate(self, "tasks")

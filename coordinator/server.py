@@ -25,6 +25,7 @@ from broker import definitions, topology
 from common.compression import codecs
 from common.errors import MqfedError
 from common.failpoints import failpoint
+from common.learning.config import TrainConfig, decay_factor
 from common.learning.model import build_model, parameter_count
 from common.learning.training import evaluate
 from common.logs import get_logger
@@ -385,12 +386,18 @@ class Coordinator:
                 "dead_letters_by_error": dict(self.consumer.stats.rejected) if hasattr(self, "consumer") else {}}
 
     # -- messages ----------------------------------------------------------------------------------------
+    def task_local(self) -> TrainConfig:
+        """The local training a task issued now asks for: `[local]`, its learning rate decayed by version."""
+        t, local = self.cfg.tasks, self.cfg.local
+        factor = decay_factor(t.lr_decay, self.version, t.lr_decay_versions, t.lr_floor)
+        return local if factor == 1.0 else dataclasses.replace(local, learning_rate=local.learning_rate * factor)
+
     def _dispatch(self) -> None:
         for planned in self.dispatcher.to_issue(self.version, time.time()):
             task = messages.TrainTask(
                 experiment=self.name, run_id=self.run_id, task_id=planned.task_id, min_version=planned.min_version,
                 deadline_unix=planned.deadline_unix, codec=self.cfg.tasks.codec, model=self.cfg.model.name,
-                freeze_feature_encoder=self.cfg.model.freeze_feature_encoder, local=self.cfg.local)
+                freeze_feature_encoder=self.cfg.model.freeze_feature_encoder, local=self.task_local())
             publish_message(self.pub, self.topo.task_exchange, self.topo.TASKS_KEY, task, message_id=planned.task_id,
                             expiration=str(int(self.cfg.tasks.deadline_s * 1000)))
             self.metrics.tasks_issued()

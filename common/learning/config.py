@@ -13,6 +13,18 @@ SPEED_RANGE = (0.5, 2.0)  # the bounds of TrainConfig.speed
 SNR_RANGE = (-20.0, 100.0)  # the bounds of TrainConfig.noise_snr_db, in dB
 
 
+def decay_factor(schedule: str, done: int, horizon: int, floor: float) -> float:
+    """The fraction of a base learning rate after `done` of `horizon` units (versions): 1 at 0, falling
+    (`linear` or `cosine`) to `floor` at `horizon` and `floor` after it; `constant`: always 1."""
+    if schedule not in SCHEDULES:
+        raise InvalidValue(f"decay schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if schedule == "constant":
+        return 1.0
+    t = min(max(done, 0), horizon) / horizon
+    shape = 1.0 - t if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+    return floor + (1.0 - floor) * shape
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Local training hyper-parameters (validated at construction; errors name the field).

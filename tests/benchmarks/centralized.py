@@ -32,9 +32,17 @@ STEPS = 4000
 LEARNING_RATE = 3e-3
 WARMUP = 100
 SCHEDULE = "cosine"
+AUGMENT_FIELDS = ("speed", "gain_db", "noise_snr_db", "time_masks", "time_mask_ms")
 
 
-def main() -> None:
+def _pair(text: str) -> tuple[float, float] | None:
+    if text.lower() in ("", "none"):
+        return None
+    low, high = (float(v) for v in text.split(","))
+    return low, high
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=".cache/mqfed/synth-ks")
     p.add_argument("--per-class", type=int, default=corpus.SynthSpec.per_class)
@@ -49,17 +57,34 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--unseen-split", default="test_unseen", help="the unseen-speaker split ('' : none)")
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    configure(level="WARNING")
+    p.add_argument("--augment", default=None,
+                   help="synthesis-time augmentations (names or 'all', comma-separated; default: the corpus default;"
+                        " '' none); a corpus other than the default is built in DATA-aug-<names>")
+    p.add_argument("--augment-p", type=float, default=corpus.SynthSpec.augment_p)
+    for flag, kind in (("--speed", "pair"), ("--gain-db", "float"), ("--noise-snr-db", "pair"),
+                       ("--time-masks", "int"), ("--time-mask-ms", "float")):
+        p.add_argument(flag, type={"pair": _pair, "float": float, "int": int}[kind], default=None,
+                       help="training-time augmentation (docs/augmentation.md; default: TrainConfig's)")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train and test once as `args` say (printing the table); the result as the JSON line has it."""
     torch.set_num_threads(args.threads)
-    dd = corpus.build(args.data, corpus.SynthSpec(seed=args.seed, per_class=args.per_class))
+    spec = corpus.SynthSpec(seed=args.seed, per_class=args.per_class,
+                            **({} if args.augment is None else {"augment": args.augment}), augment_p=args.augment_p)
+    data = args.data
+    if spec != corpus.SynthSpec(seed=args.seed, per_class=args.per_class):
+        data = f"{args.data}-aug-{'-'.join(spec.augment) or 'none'}-p{spec.augment_p:g}"
+    dd = corpus.build(data, spec)
     train_set, test_set = Clips.from_arrays(*to_arrays(dd["train"])), Clips.from_arrays(*to_arrays(dd["test"]))
     model = build_model(ModelSpec(args.model, seed=args.seed))
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup,
-                         schedule=args.schedule, label_smoothing=args.label_smoothing, seed=args.seed)
+                         schedule=args.schedule, label_smoothing=args.label_smoothing, seed=args.seed,
+                         **{k: v for k in AUGMENT_FIELDS if (v := getattr(args, k)) is not None})
     print(f"centralized: {args.model} ({parameter_count(model):,} params), {len(train_set)} train clips,"
           f" {len(test_set)} test clips (unheard speakers), {args.threads} threads")
-    print(f"  {config}")
+    print(f"  corpus {data}: augment {','.join(spec.augment) or 'none'} (p {spec.augment_p:g})\n  {config}")
     print(f"{'step':>6}{'wall s':>9}{'train loss':>12}{'test acc':>10}{'test loss':>11}")
     losses: list[float] = []
     state: dict = {}
@@ -88,10 +113,19 @@ def main() -> None:
               f" loss {unseen.loss:.4f}")
     else:
         print(f"unseen speakers: the corpus has no {args.unseen_split!r} split; skipped")
-    print(json.dumps({"test_accuracy": round(result.accuracy, 4),
-                      "unseen_accuracy": round(unseen.accuracy, 4) if unseen is not None else None,
-                      "wall_s": round(state["wall"], 1),
-                      "params": parameter_count(model), "steps": state["step"], "train_clips": len(train_set)}))
+    return {"test_accuracy": round(result.accuracy, 4),
+            "unseen_accuracy": round(unseen.accuracy, 4) if unseen is not None else None,
+            "wall_s": round(state["wall"], 1),
+            "params": parameter_count(model), "steps": state["step"], "train_clips": len(train_set),
+            "corpus_augment": list(spec.augment), "augment_p": spec.augment_p,
+            "train_augment": {k: getattr(config, k) for k in AUGMENT_FIELDS}}
+
+
+def main() -> None:
+    args = parser().parse_args()
+    configure(level="WARNING")
+    print(json.dumps(run(args)))
+
 
 if __name__ == "__main__":
     main()
