@@ -48,6 +48,7 @@ demo: broker
 # The figures in the README (each prints a table and ends with one JSON line).
 benchmarks: broker data
 	$(PY) tests/benchmarks/centralized.py --data $(DATA_DIR)
+	$(PY) tests/benchmarks/augmentation.py --data $(DATA_DIR)
 	$(PY) tests/benchmarks/async_vs_sync.py --data $(DATA_DIR)
 	$(PY) tests/benchmarks/compression.py
 	$(PY) tests/benchmarks/transport.py
@@ -56,7 +57,7 @@ benchmarks: broker data
 	$(PY) tests/benchmarks/scale.py
 	$(PY) tests/benchmarks/downlink.py --data $(DATA_DIR)
 
-# mqfed beside Flower (tests/benchmarks/peer_flower.py; about 26 min per repeat, 80 min for the 3 on 2 cores): flwr only for this.
+# mqfed beside Flower (tests/benchmarks/peer_flower.py; 26-37 min per repeat, 80-110 min for the 3 on 2 cores): flwr only for this.
 benchmark-peer: broker data
 	$(PY) -m pip install -q -e ".[dev,peer]"
 	$(PY) tests/benchmarks/peer_flower.py --data $(DATA_DIR)

@@ -1,7 +1,7 @@
 """`mqfed-worker`: the worker daemon and its data tools.
 
   mqfed-worker data synth --out DIR [--seed N] [--per-class N]     make the synthetic KS corpus (cached;
-        [--augment speed,tempo,...|all] [--augment-p P] [--augment-eval] [--no-unseen]    docs/data.md)
+        [--augment speed,tempo,...|all|none] [--augment-p P] [--augment-eval] [--no-unseen]    docs/data.md)
   mqfed-worker data speech-commands --src DIR --out DIR             convert Speech Commands v0.01 (SUPERB KS)
   mqfed-worker data hub --source superb|speech_commands --out DIR   fetch SUPERB KS from the Hugging Face hub
   mqfed-worker data show DIR [--shard SPEC]                         splits, label counts, speakers of a data set
@@ -31,7 +31,7 @@ def _data(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         dd = corpus.build(args.out, corpus.SynthSpec(seed=args.seed, per_class=args.per_class,
                                                      eval_per_class=args.eval_per_class,
-                                                     augment=tuple(a for a in args.augment.split(",") if a),
+                                                     **({} if args.augment is None else {"augment": args.augment}),
                                                      augment_p=args.augment_p, augment_eval=args.augment_eval,
                                                      unseen=args.unseen))
         out = args.out
@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--per-class", type=int, default=300, help="training clips per label")
     synth.add_argument("--eval-per-class", type=int, default=None, help="validation/test/test_unseen clips per label")
-    synth.add_argument("--augment", default="", metavar="NAMES",
+    synth.add_argument("--augment", default=None, metavar="NAMES",
                        help="comma-separated synthesis-time augmentations: speed, tempo, formant, reverb, band, "
-                            "noise, mask, voices, or all (default: none)")
+                            "noise, mask, voices, all, or none (default: all)")
     synth.add_argument("--augment-p", type=float, default=0.5, help="probability of each augmentation per clip")
     synth.add_argument("--augment-eval", action="store_true", help="augment validation/test/test_unseen clips too")
     synth.add_argument("--no-unseen", dest="unseen", action="store_false",

@@ -10,10 +10,10 @@ Speakers are split between train/validation/test (80/10/10 of the voices, shuffl
 speaker is in two splits and test accuracy is accuracy on unheard voices. A fourth split, `test_unseen`,
 holds voice families no other split uses (Klatt-synthesis variants, the West Midlands accent): accuracy
 on another synthesis engine and accent. Synthesis-time augmentations (`SynthSpec.augment`: speed, tempo,
-formant, reverb, band, noise, mask, voices; common/data/augment.py) are off by default, which keeps
-train/validation/test byte-identical to format 1. Everything is a pure function of the spec: the same
-spec gives the same bytes. `build()` caches the result in a directory (`datasets.load_from_disk(DIR)`
-opens it) and reuses it when the spec matches.
+formant, reverb, band, noise, mask, voices; common/data/augment.py) are all on for training clips by
+default (format 3); `augment=()` gives format 1's train/validation/test byte for byte. Everything is a
+pure function of the spec: the same spec gives the same bytes. `build()` caches the result in a directory
+(`datasets.load_from_disk(DIR)` opens it) and reuses it when the spec matches.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ from common.logs import get_logger
 
 log = get_logger(__name__)
 STAMP = "mqfed-synth.json"
-FORMAT = 2  # 2: the test_unseen split and the augmentation fields (train/validation/test as in 1)
+FORMAT = 3  # 2: the test_unseen split and the augmentation fields; 3: milder augmentation ranges, all on by default
 _SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
@@ -62,8 +62,8 @@ class SynthSpec:
     per_class: training clips per label (twelve labels).
     eval_per_class: validation, test and test_unseen clips per label each (default: per_class // 4, at
         least 10).
-    augment: synthesis-time variety to add, names from AUGMENTATIONS (or "all"); default none, which
-        keeps train/validation/test byte-identical to format 1. See docs/data.md for what each does.
+    augment: synthesis-time variety to add, names from AUGMENTATIONS (or "all", or "none"); default all of
+        them. `()` keeps train/validation/test byte-identical to format 1. docs/data.md says what each does.
     augment_p: the probability that each chosen augmentation is applied to a clip.
     augment_eval: augment validation/test/test_unseen clips too (default: training clips only).
     unseen: add the `test_unseen` split, whose speakers share no voice family with the other splits.
@@ -72,7 +72,7 @@ class SynthSpec:
     seed: int = rule(0, ge=0)
     per_class: int = rule(300, ge=1)
     eval_per_class: int | None = rule(None, ge=1)
-    augment: tuple[str, ...] = ()
+    augment: tuple[str, ...] = AUGMENTATIONS
     augment_p: float = rule(0.5, gt=0, le=1)
     augment_eval: bool = False
     unseen: bool = True
@@ -83,10 +83,12 @@ class SynthSpec:
             object.__setattr__(self, "augment", tuple(n.strip() for n in names if n.strip()))
         validate(self)
         names = set(self.augment)
-        unknown = sorted(names - set(AUGMENTATIONS) - {"all"})
+        unknown = sorted(names - set(AUGMENTATIONS) - {"all", "none"})
         if unknown:
             raise InvalidValue(f"SynthSpec.augment must name augmentations from {', '.join(AUGMENTATIONS)} "
-                               f"(or all), got {', '.join(map(repr, unknown))}")
+                               f"(or all, or none), got {', '.join(map(repr, unknown))}")
+        if "none" in names and len(names) > 1:
+            raise InvalidValue(f"SynthSpec.augment: none cannot go with other names, got {sorted(names)}")
         chosen = AUGMENTATIONS if "all" in names else tuple(a for a in AUGMENTATIONS if a in names)
         object.__setattr__(self, "augment", chosen)
 
@@ -154,23 +156,21 @@ class Augmenter:
         if self._on["formant"]:
             speech = augment.formant_shift(speech, _log_uniform(self._rngs["formant"], 0.85, 1.2))
         if self._on["tempo"]:
-            speech = augment.tempo_stretch(speech, _log_uniform(self._rngs["tempo"], 0.75, 1.35))
+            speech = augment.tempo_stretch(speech, _log_uniform(self._rngs["tempo"], 0.85, 1.2))
         if self._on["speed"]:
-            speech = augment.speed(speech, self._rngs["speed"].uniform(0.85, 1.15))
+            speech = augment.speed(speech, self._rngs["speed"].uniform(0.88, 1.12))
         return speech
 
     def placed(self, clip: np.ndarray, start: int, size: int) -> np.ndarray:
         """The word in its window, before noise: time masks over the word, then the room."""
         if self._on["mask"]:
             rng = self._rngs["mask"]
-            spans = []
-            for _ in range(int(rng.integers(1, 3))):
-                length = int(rng.uniform(0.02, 0.1) * SAMPLE_RATE)
-                spans.append((int(rng.integers(start - length // 2, start + max(size - length // 2, 1))), length))
+            length = int(rng.uniform(0.01, 0.04) * SAMPLE_RATE)
+            spans = [(int(rng.integers(start - length // 2, start + max(size - length // 2, 1))), length)]
             clip = augment.time_mask(clip, spans)
         if self._on["reverb"]:
             rng = self._rngs["reverb"]
-            h = augment.room_impulse_response(rng, _log_uniform(rng, 0.1, 1.0), rng.uniform(-2.0, 15.0))
+            h = augment.room_impulse_response(rng, _log_uniform(rng, 0.1, 0.8), rng.uniform(0.0, 15.0))
             clip = augment.reverberate(clip, h)
         return clip
 
@@ -182,15 +182,15 @@ class Augmenter:
         kind = str(rng.choice(["babble", "hum", "both"])) if speech_rms is not None else "hum"
         if kind in ("babble", "both"):
             assert speech_rms is not None
-            words = [self._babble_word(rng) for _ in range(int(rng.integers(2, 5)))]
+            words = [self._babble_word(rng) for _ in range(int(rng.integers(3, 7)))]
             offsets = [int(rng.integers(0, CLIP_SAMPLES)) for _ in words]
-            level = speech_rms / 10 ** (rng.uniform(0.0, 25.0) / 20)
+            level = speech_rms / 10 ** (rng.uniform(15.0, 30.0) / 20)
             clip = clip + augment.babble(CLIP_SAMPLES, words, offsets) * level
         if kind in ("hum", "both"):
             base = float(rng.choice([50.0, 60.0]))
             harmonics = rng.uniform(0, 1, 6) * 0.7 ** np.arange(6)
             wave = augment.hum(CLIP_SAMPLES, base, harmonics, rng.uniform(0, 2 * np.pi, 6))
-            level = (speech_rms / 10 ** (rng.uniform(10.0, 40.0) / 20) if speech_rms is not None
+            level = (speech_rms / 10 ** (rng.uniform(15.0, 40.0) / 20) if speech_rms is not None
                      else noise_rms * rng.uniform(0.3, 3.0))
             clip = clip + wave * level
         return clip
@@ -199,10 +199,10 @@ class Augmenter:
         """The microphone and converter: band limits and equalisation, then (noise) clipping or quantisation."""
         if self._on["band"]:
             rng = self._rngs["band"]
-            low, high = _log_uniform(rng, 50.0, 500.0), _log_uniform(rng, 2800.0, 7800.0)
+            low, high = _log_uniform(rng, 50.0, 300.0), _log_uniform(rng, 3400.0, 7800.0)
             order = int(rng.choice([1, 2, 4]))
-            peaks = tuple((_log_uniform(rng, 150.0, 6000.0), float(rng.uniform(-12.0, 12.0)), float(rng.uniform(0.5, 2.0)))
-                          for _ in range(int(rng.integers(0, 4))))
+            peaks = tuple((_log_uniform(rng, 150.0, 6000.0), float(rng.uniform(-9.0, 9.0)), float(rng.uniform(0.5, 2.0)))
+                          for _ in range(int(rng.integers(0, 3))))
             response = augment.mic_response(np.fft.rfftfreq(CLIP_SAMPLES, 1 / SAMPLE_RATE), low, high, order, peaks,
                                             float(rng.uniform(-6.0, 6.0)))
             peak = float(np.abs(clip).max())
@@ -212,9 +212,9 @@ class Augmenter:
             rng = self._rngs["noise"]
             converter = str(rng.choice(["none", "clip", "quantize"], p=[0.5, 0.25, 0.25]))
             if converter == "clip":
-                clip = augment.clip_peaks(clip, rng.uniform(0.2, 0.7))
+                clip = augment.clip_peaks(clip, rng.uniform(0.3, 0.8))
             elif converter == "quantize":
-                clip = augment.quantize(clip, int(rng.integers(6, 13)))
+                clip = augment.quantize(clip, int(rng.integers(8, 13)))
         return clip
 
     def _babble_word(self, rng: np.random.Generator) -> np.ndarray:

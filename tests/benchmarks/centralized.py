@@ -2,6 +2,8 @@
 
     python tests/benchmarks/centralized.py [--data DIR] [--per-class 300] [--steps 4000] [--lr 3e-3]
                                            [--schedule cosine] [--eval-every 250] [--threads 2]
+                                           [--augment NAMES] [--augment-p P] [--speed LO,HI] [--gain-db DB]
+                                           [--noise-snr-db LO,HI] [--time-masks N] [--time-mask-ms MS]
 
 The reference the federated runs are judged against. Trains `kws-tiny` with the same local-training code a
 worker uses (common/learning/training.py), in one run with one learning-rate schedule (AdamW, warm-up, cosine decay
@@ -10,6 +12,8 @@ accuracy against wall time, then the final model's accuracy on the unseen-speake
 speakers that share nothing with training; skipped on a corpus without it), and ends with one JSON line
 `{"test_accuracy": ..., "unseen_accuracy": ..., "wall_s": ..., "params": ...}` (unseen_accuracy: null
 without that split; wall_s: training + test evaluation, not the corpus nor the unseen-speaker evaluation).
+--augment/--augment-p choose the corpus's synthesis-time augmentations (a corpus other than the default is
+built beside --data), the rest the training-time ones (docs/augmentation.md); the JSON line says which.
 The defaults take about 3.5 minutes on 2 idle cores.
 """
 from __future__ import annotations
@@ -46,7 +50,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=".cache/mqfed/synth-ks")
     p.add_argument("--per-class", type=int, default=corpus.SynthSpec.per_class)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="corpus, initial weights and (unless --train-seed) training")
+    p.add_argument("--train-seed", type=int, default=None, help="batch order and augmentation draws")
     p.add_argument("--model", default="kws-tiny")
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--batch-size", type=int, default=32)
@@ -68,24 +73,36 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Train and test once as `args` say (printing the table); the result as the JSON line has it."""
+def corpus_spec(args: argparse.Namespace) -> corpus.SynthSpec:
+    """The corpus `args` ask for: the default one unless --augment or --augment-p say otherwise."""
+    chosen = {} if args.augment is None else {"augment": args.augment}
+    return corpus.SynthSpec(seed=args.seed, per_class=args.per_class, augment_p=args.augment_p, **chosen)
+
+
+def corpus_dir(args: argparse.Namespace, spec: corpus.SynthSpec) -> str:
+    """--data for the default corpus; a directory beside it for any other, named after its augmentations."""
+    if spec == corpus.SynthSpec(seed=args.seed, per_class=args.per_class):
+        return args.data
+    return f"{args.data}-aug-{'-'.join(spec.augment) or 'none'}-p{spec.augment_p:g}"
+
+
+def run(args: argparse.Namespace, quiet: bool = False) -> dict:
+    """Train and test once as `args` say (the table printed unless `quiet`); the result as the JSON line has it."""
+    say = (lambda *_a, **_k: None) if quiet else print
     torch.set_num_threads(args.threads)
-    spec = corpus.SynthSpec(seed=args.seed, per_class=args.per_class,
-                            **({} if args.augment is None else {"augment": args.augment}), augment_p=args.augment_p)
-    data = args.data
-    if spec != corpus.SynthSpec(seed=args.seed, per_class=args.per_class):
-        data = f"{args.data}-aug-{'-'.join(spec.augment) or 'none'}-p{spec.augment_p:g}"
-    dd = corpus.build(data, spec)
+    spec = corpus_spec(args)
+    data = corpus_dir(args, spec)
+    dd = corpus.build(data, spec, progress=not quiet)
     train_set, test_set = Clips.from_arrays(*to_arrays(dd["train"])), Clips.from_arrays(*to_arrays(dd["test"]))
     model = build_model(ModelSpec(args.model, seed=args.seed))
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup,
-                         schedule=args.schedule, label_smoothing=args.label_smoothing, seed=args.seed,
+                         schedule=args.schedule, label_smoothing=args.label_smoothing,
+                         seed=args.seed if args.train_seed is None else args.train_seed,
                          **{k: v for k in AUGMENT_FIELDS if (v := getattr(args, k)) is not None})
-    print(f"centralized: {args.model} ({parameter_count(model):,} params), {len(train_set)} train clips,"
-          f" {len(test_set)} test clips (unheard speakers), {args.threads} threads")
-    print(f"  corpus {data}: augment {','.join(spec.augment) or 'none'} (p {spec.augment_p:g})\n  {config}")
-    print(f"{'step':>6}{'wall s':>9}{'train loss':>12}{'test acc':>10}{'test loss':>11}")
+    say(f"centralized: {args.model} ({parameter_count(model):,} params), {len(train_set)} train clips,"
+        f" {len(test_set)} test clips (unheard speakers), {args.threads} threads")
+    say(f"  corpus {data}: augment {','.join(spec.augment) or 'none'} (p {spec.augment_p:g})\n  {config}")
+    say(f"{'step':>6}{'wall s':>9}{'train loss':>12}{'test acc':>10}{'test loss':>11}")
     losses: list[float] = []
     state: dict = {}
 
@@ -97,22 +114,22 @@ def run(args: argparse.Namespace) -> dict:
             wall = time.perf_counter() - start
             recent = losses[-args.eval_every:]
             train_loss = sum(recent) / len(recent)
-            print(f"{step:>6}{wall:>9.1f}{train_loss:>12.4f}{result.accuracy:>10.4f}{result.loss:>11.4f}", flush=True)
+            say(f"{step:>6}{wall:>9.1f}{train_loss:>12.4f}{result.accuracy:>10.4f}{result.loss:>11.4f}", flush=True)
             state.update(result=result, wall=wall, step=step)
 
     start = time.perf_counter()
     train(model, train_set, config, on_step=on_step)
     result = state["result"]
     worst = min(result.per_class, key=result.per_class.get)
-    print(f"per class: worst {worst} {result.per_class[worst]:.3f}; "
-          + " ".join(f"{k}={v:.2f}" for k, v in result.per_class.items()))
+    say(f"per class: worst {worst} {result.per_class[worst]:.3f}; "
+        + " ".join(f"{k}={v:.2f}" for k, v in result.per_class.items()))
     unseen = None
     if args.unseen_split and args.unseen_split in dd:
         unseen = evaluate(model, Clips.from_arrays(*to_arrays(dd[args.unseen_split])))
-        print(f"unseen speakers ({args.unseen_split}, {unseen.samples} clips): accuracy {unseen.accuracy:.4f},"
-              f" loss {unseen.loss:.4f}")
+        say(f"unseen speakers ({args.unseen_split}, {unseen.samples} clips): accuracy {unseen.accuracy:.4f},"
+            f" loss {unseen.loss:.4f}")
     else:
-        print(f"unseen speakers: the corpus has no {args.unseen_split!r} split; skipped")
+        say(f"unseen speakers: the corpus has no {args.unseen_split!r} split; skipped")
     return {"test_accuracy": round(result.accuracy, 4),
             "unseen_accuracy": round(unseen.accuracy, 4) if unseen is not None else None,
             "wall_s": round(state["wall"], 1),

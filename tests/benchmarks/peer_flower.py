@@ -119,28 +119,33 @@ def main() -> None:
     cpu = {a: [x["cpu_s"] for x in rs] for a, rs in results.items()}
     print(f"\n{args.clients} clients, the last {args.slowdown:g}x slower; target validation accuracy {args.target}; "
           f"median (range) of {args.repeat} runs each")
-    print(f"{'arm':<15}{'to target s':>22}{'versions/rounds':>17}{'overhead s/round':>20}{'MB/round':>16}"
-          f"{'CPU s':>20}")
+    print(f"{'arm':<15}{'to target s':>22}{'versions/rounds':>17}{'overhead s/round':>23}{'MB/round':>19}"
+          f"{'CPU s':>18}")
     for a, rs in results.items():
         print(f"{a:<15}{spread(times[a]):>22}{spread([x['versions_to_target'] for x in rs]):>17}"
-              f"{spread(overhead[a], '{:.2f}') if a in SYNC_ARMS else '-':>20}{spread(mb[a], '{:.2f}'):>16}"
-              f"{spread(cpu[a]):>20}")
+              f"{spread(overhead[a], '{:.2f}') if a in SYNC_ARMS else '-':>23}{spread(mb[a], '{:.2f}'):>19}"
+              f"{spread(cpu[a]):>18}")
 
     def capped(a: str) -> float | None:
         return med([t if t is not None else cap for t in times[a]]) if a in times else None
 
-    line = {f"{a}_s": capped(a) for a in ARMS}  # mqfed_async_s, mqfed_sync_s, flower_s, flower_legacy_s
+    line = {f"{a}_s": _round(capped(a)) for a in ARMS}  # mqfed_async_s, mqfed_sync_s, flower_s, flower_legacy_s
     if line["flower_s"] and line["mqfed_async_s"]:
         line["speedup_vs_flower"] = round(line["flower_s"] / line["mqfed_async_s"], 2)
     if line["mqfed_sync_s"] and line["flower_legacy_s"]:
         line["sync_vs_legacy"] = round(line["mqfed_sync_s"] / line["flower_legacy_s"], 3)
-    line.update({"ranges_s": {a: [min(v), max(v)] for a, v in times.items() if v and None not in v},
+    line.update({"ranges_s": {a: [_round(min(v)), _round(max(v))] for a, v in times.items() if v and None not in v},
                  "not_reached": {a: sum(t is None for t in v) for a, v in times.items()},
                  "rounds_to_target": {a: med(x["versions_to_target"] for x in rs) for a, rs in results.items()},
-                 "overhead_s_per_round": {a: med(v) for a, v in overhead.items() if v},
-                 "mb_per_round": {a: med(v) for a, v in mb.items()}, "cpu_s": {a: med(v) for a, v in cpu.items()},
+                 "overhead_s_per_round": {a: _round(med(v), 3) for a, v in overhead.items() if v},
+                 "mb_per_round": {a: _round(med(v), 3) for a, v in mb.items()},
+                 "cpu_s": {a: _round(med(v), 1) for a, v in cpu.items()},
                  "repeats": args.repeat, "clients": args.clients, "slowdown": args.slowdown, "target": args.target})
     print(json.dumps(line))
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 if __name__ == "__main__":

@@ -179,10 +179,13 @@ def test_derived_variant_scales_formants_and_pitch_of_its_base():
 
 # --- the spec -------------------------------------------------------------------------------------------
 
-def test_synth_spec_augmentations_are_off_by_default_and_validated():
+def test_synth_spec_augmentations_are_all_on_by_default_and_validated():
     spec = SynthSpec()
-    assert spec.augment == () and spec.unseen and not spec.augment_eval
+    assert spec.augment == AUGMENTATIONS and spec.augment_p == 0.5 and spec.unseen and not spec.augment_eval
     assert SynthSpec(augment=("all",)).augment == AUGMENTATIONS
+    assert SynthSpec(augment="none").augment == SynthSpec(augment=()).augment == SynthSpec(augment="").augment == ()
+    with pytest.raises(ValueError, match="none cannot go with other names"):
+        SynthSpec(augment="none,reverb")
     assert SynthSpec(augment="reverb, speed").augment == ("speed", "reverb")  # canonical order
     with pytest.raises(ValueError, match=r"SynthSpec\.augment.*'echo'"):
         SynthSpec(augment=("reverb", "echo"))
@@ -278,6 +281,16 @@ def test_one_augmentation_changes_the_audio_but_not_words_speakers_or_other_spli
         assert _split_hash(dd[split]) == GOLDEN_TINY[split]
 
 
+def test_the_default_corpus_augments_training_clips_only(tiny_corpus, tiny_spec):
+    dd = corpus.generate(SynthSpec(seed=tiny_spec.seed, per_class=tiny_spec.per_class,
+                                   eval_per_class=tiny_spec.eval_per_class, unseen=False), progress=False)
+    assert dd["train"]["word"] == tiny_corpus["train"]["word"]
+    assert not np.array_equal(_audio(dd["train"]), _audio(tiny_corpus["train"]))
+    assert set(dd["train"]["speaker"]) - set(tiny_corpus["train"]["speaker"])  # `voices`: generated speakers
+    for split in ("validation", "test"):
+        assert _split_hash(dd[split]) == GOLDEN_TINY[split]
+
+
 def test_cache_stamp_records_the_augmentations_and_rebuilds_when_they_change(tmp_path):
     out = tmp_path / "synth"
     corpus.build(out, SynthSpec(seed=3, per_class=1, eval_per_class=1, unseen=False), progress=False)
@@ -286,7 +299,7 @@ def test_cache_stamp_records_the_augmentations_and_rebuilds_when_they_change(tmp
     rebuilt = corpus.build(out, spec, progress=False)
     assert UNSEEN in rebuilt
     stamp = json.loads((out / corpus.STAMP).read_text())
-    assert stamp["format"] == corpus.FORMAT == 2 and stamp["augment"] == ["band", "mask"] and stamp["unseen"] is True
+    assert stamp["format"] == corpus.FORMAT == 3 and stamp["augment"] == ["band", "mask"] and stamp["unseen"] is True
     again = corpus.build(out, spec, progress=False)  # same spec: the cache, tuple vs JSON list and all
     np.testing.assert_array_equal(_audio(again["train"]), _audio(rebuilt["train"]))
 
@@ -299,5 +312,8 @@ def test_worker_data_synth_command_takes_augmentation_flags(tmp_path, capsys):
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[:3]] == list(SPLITS)
     stamp = json.loads((out / corpus.STAMP).read_text())
     assert stamp["augment"] == ["speed", "noise"] and stamp["augment_p"] == 1.0 and stamp["unseen"] is False
+    rc = cli.main(["data", "synth", "--out", str(tmp_path / "none"), "--per-class", "1", "--eval-per-class", "1",
+                   "--augment", "none", "--no-unseen"])
+    assert rc == 0 and json.loads((tmp_path / "none" / corpus.STAMP).read_text())["augment"] == []
     rc = cli.main(["data", "synth", "--out", str(tmp_path / "bad"), "--per-class", "1", "--augment", "echo"])
     assert rc == 2 and "'echo'" in capsys.readouterr().err
