@@ -33,16 +33,6 @@ DEMO_SETTINGS = {
     "fedbuff.max_staleness": 8,
     "tasks.eval_every": 2,
     "tasks.deadline_s": 120.0,
-    # the local learning rate falls (cosine) over about the versions 6 minutes make on 2 cores, and every
-    # training batch is varied on top of the corpus's own augmentation (docs/augmentation.md)
-    "tasks.lr_decay": "cosine",
-    "tasks.lr_decay_versions": 80,
-    "tasks.lr_floor": 0.1,
-    "local.speed": [0.9, 1.1],
-    "local.gain_db": 6.0,
-    "local.noise_snr_db": [15.0, 40.0],
-    "local.time_masks": 2,
-    "local.time_mask_ms": 40.0,
     "stop.target_accuracy": 0.98,
     "stop.max_versions": 0,
 }

@@ -32,7 +32,7 @@ _counter = itertools.count()
 def tiny_spec():
     from common.data.corpus import SynthSpec
 
-    return SynthSpec(seed=0, per_class=4, eval_per_class=2, augment=())  # format 1's clips (golden hashes)
+    return SynthSpec(seed=0, per_class=4, eval_per_class=2)
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,7 @@ def small_corpus_dir(tmp_path_factory):
     from common.data import corpus
 
     out = tmp_path_factory.mktemp("small-corpus") / "synth-ks"
-    corpus.build(out, corpus.SynthSpec(seed=1, per_class=30, eval_per_class=10, augment=()), progress=False)
+    corpus.build(out, corpus.SynthSpec(seed=1, per_class=30, eval_per_class=10), progress=False)
     return out
 
 

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--eval-per-class", type=int, default=None, help="validation/test/test_unseen clips per label")
     synth.add_argument("--augment", default=None, metavar="NAMES",
                        help="comma-separated synthesis-time augmentations: speed, tempo, formant, reverb, band, "
-                            "noise, mask, voices, all, or none (default: all)")
+                            "noise, mask, voices, all, or none (default: none)")
     synth.add_argument("--augment-p", type=float, default=0.5, help="probability of each augmentation per clip")
     synth.add_argument("--augment-eval", action="store_true", help="augment validation/test/test_unseen clips too")
     synth.add_argument("--no-unseen", dest="unseen", action="store_false",

@@ -10,8 +10,8 @@ Speakers are split between train/validation/test (80/10/10 of the voices, shuffl
 speaker is in two splits and test accuracy is accuracy on unheard voices. A fourth split, `test_unseen`,
 holds voice families no other split uses (Klatt-synthesis variants, the West Midlands accent): accuracy
 on another synthesis engine and accent. Synthesis-time augmentations (`SynthSpec.augment`: speed, tempo,
-formant, reverb, band, noise, mask, voices; common/data/augment.py) are all on for training clips by
-default (format 3); `augment=()` gives format 1's train/validation/test byte for byte. Everything is a
+formant, reverb, band, noise, mask, voices; common/data/augment.py) are off by default, which gives
+format 1's train/validation/test byte for byte (the README's ablation says why). Everything is a
 pure function of the spec: the same spec gives the same bytes. `build()` caches the result in a directory
 (`datasets.load_from_disk(DIR)` opens it) and reuses it when the spec matches.
 """
@@ -46,7 +46,7 @@ from common.logs import get_logger
 
 log = get_logger(__name__)
 STAMP = "mqfed-synth.json"
-FORMAT = 3  # 2: the test_unseen split and the augmentation fields; 3: milder augmentation ranges, all on by default
+FORMAT = 3  # 2: the test_unseen split and the augmentation fields; 3: milder augmentation ranges
 _SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
@@ -62,8 +62,8 @@ class SynthSpec:
     per_class: training clips per label (twelve labels).
     eval_per_class: validation, test and test_unseen clips per label each (default: per_class // 4, at
         least 10).
-    augment: synthesis-time variety to add, names from AUGMENTATIONS (or "all", or "none"); default all of
-        them. `()` keeps train/validation/test byte-identical to format 1. docs/data.md says what each does.
+    augment: synthesis-time variety to add, names from AUGMENTATIONS (or "all", or "none"); default none,
+        which keeps train/validation/test byte-identical to format 1. docs/data.md says what each does.
     augment_p: the probability that each chosen augmentation is applied to a clip.
     augment_eval: augment validation/test/test_unseen clips too (default: training clips only).
     unseen: add the `test_unseen` split, whose speakers share no voice family with the other splits.
@@ -72,7 +72,7 @@ class SynthSpec:
     seed: int = rule(0, ge=0)
     per_class: int = rule(300, ge=1)
     eval_per_class: int | None = rule(None, ge=1)
-    augment: tuple[str, ...] = AUGMENTATIONS
+    augment: tuple[str, ...] = ()
     augment_p: float = rule(0.5, gt=0, le=1)
     augment_eval: bool = False
     unseen: bool = True

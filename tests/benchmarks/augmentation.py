@@ -6,9 +6,9 @@
 Every row trains kws-tiny with tests/benchmarks/centralized.py's `run` (the worker's training code, the same
 initial weights, seed, steps and cosine schedule; one thread per job, `--jobs` rows at once) and tests the
 final model on `test` (unheard voices of the training voice families) and `test_unseen` (voice families
-and an accent no training clip has). Rows: the whole set (the corpus's synthesis-time augmentations
-`--augment`, default the corpus default, and the training-time ones `--train-augment`, default the demo's
-`[local]`), each of them off in turn, and none at all. A synthesis-time row builds its own corpus beside
+and an accent no training clip has). Rows: the whole set (the synthesis-time augmentations `--augment`,
+default all eight, and the training-time ones `--train-augment`, default all four at TRAIN_SET's
+settings), each of them off in turn, and none at all. A synthesis-time row builds its own corpus beside
 `--data` first (about a minute each on 2 cores). `--seeds N` repeats every row with training seeds 0..N-1
 (the corpus stays the same) and reports medians and ranges. Prints the table, then one JSON line
 `{"rows": {name: {"test": ..., "unseen": ...}}, ...}`.
@@ -26,17 +26,12 @@ import centralized
 
 from common.data import corpus
 from common.logs import configure
-from coordinator.demo import DEMO_SETTINGS
 
 # training-time augmentation: name in the table -> the TrainConfig fields it sets (off: their defaults)
 TRAIN_AUGMENTATIONS = {"train-speed": ("speed",), "train-gain": ("gain_db",), "train-noise": ("noise_snr_db",),
                        "train-masks": ("time_masks", "time_mask_ms")}
-
-
-def demo_train_augment() -> dict:
-    """The demo's training-time augmentation settings (DEMO_SETTINGS `local.*`)."""
-    fields = {f for names in TRAIN_AUGMENTATIONS.values() for f in names}
-    return {k.split(".", 1)[1]: v for k, v in DEMO_SETTINGS.items() if k.startswith("local.") and k.split(".", 1)[1] in fields}
+# the whole training-time set (docs/augmentation.md's example)
+TRAIN_SET = {"speed": [0.9, 1.1], "gain_db": 6.0, "noise_snr_db": [15.0, 40.0], "time_masks": 2, "time_mask_ms": 40.0}
 
 
 def _flags(synth: tuple[str, ...], train: dict, args: argparse.Namespace, seed: int) -> list[str]:
@@ -66,13 +61,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--augment", default=None, help="the synthesis-time set (default: the corpus default)")
+    p.add_argument("--augment", default="all", help="the synthesis-time set (default: all)")
     p.add_argument("--augment-p", type=float, default=corpus.SynthSpec.augment_p)
     p.add_argument("--train-augment", default=None,
-                   help='the training-time set as JSON, e.g. \'{"speed": [0.9, 1.1]}\' (default: the demo\'s)')
+                   help='the training-time set as JSON, e.g. \'{"speed": [0.9, 1.1]}\' (default: TRAIN_SET)')
     args = p.parse_args()
-    synth = corpus.SynthSpec(augment=args.augment).augment if args.augment is not None else corpus.SynthSpec().augment
-    train = json.loads(args.train_augment) if args.train_augment is not None else demo_train_augment()
+    synth = corpus.SynthSpec(augment=args.augment).augment
+    train = json.loads(args.train_augment) if args.train_augment is not None else TRAIN_SET
 
     rows: dict[str, tuple[tuple[str, ...], dict]] = {"all": (synth, train)}
     for name in synth:

@@ -179,9 +179,9 @@ def test_derived_variant_scales_formants_and_pitch_of_its_base():
 
 # --- the spec -------------------------------------------------------------------------------------------
 
-def test_synth_spec_augmentations_are_all_on_by_default_and_validated():
+def test_synth_spec_augmentations_are_off_by_default_and_validated():
     spec = SynthSpec()
-    assert spec.augment == AUGMENTATIONS and spec.augment_p == 0.5 and spec.unseen and not spec.augment_eval
+    assert spec.augment == () and spec.augment_p == 0.5 and spec.unseen and not spec.augment_eval
     assert SynthSpec(augment=("all",)).augment == AUGMENTATIONS
     assert SynthSpec(augment="none").augment == SynthSpec(augment=()).augment == SynthSpec(augment="").augment == ()
     with pytest.raises(ValueError, match="none cannot go with other names"):
@@ -281,9 +281,10 @@ def test_one_augmentation_changes_the_audio_but_not_words_speakers_or_other_spli
         assert _split_hash(dd[split]) == GOLDEN_TINY[split]
 
 
-def test_the_default_corpus_augments_training_clips_only(tiny_corpus, tiny_spec):
+def test_every_augmentation_varies_training_clips_only(tiny_corpus, tiny_spec):
     dd = corpus.generate(SynthSpec(seed=tiny_spec.seed, per_class=tiny_spec.per_class,
-                                   eval_per_class=tiny_spec.eval_per_class, unseen=False), progress=False)
+                                   eval_per_class=tiny_spec.eval_per_class, augment="all", unseen=False),
+                         progress=False)
     assert dd["train"]["word"] == tiny_corpus["train"]["word"]
     assert not np.array_equal(_audio(dd["train"]), _audio(tiny_corpus["train"]))
     assert set(dd["train"]["speaker"]) - set(tiny_corpus["train"]["speaker"])  # `voices`: generated speakers
