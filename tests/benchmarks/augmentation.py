@@ -85,13 +85,14 @@ def main() -> None:
         corpora = {s for s, _ in rows.values()}
         list(pool.map(_build, [_flags(s, {}, args, 0) for s in corpora]))  # each corpus once, before training
         print(f"{len(corpora)} corpora ready in {time.perf_counter() - started:.0f} s", flush=True)
-        jobs = {(name, seed): pool.submit(_train, _flags(s, t, args, seed))
+        jobs = {pool.submit(_train, _flags(s, t, args, seed)): (name, seed)
                 for name, (s, t) in rows.items() for seed in range(args.seeds)}
-        for job in cf.as_completed(jobs.values()):  # a line per row as it ends, then the table
-            (name, seed), got = next(k for k, j in jobs.items() if j is job), job.result()
+        results: dict[tuple[str, int], dict] = {}
+        for job in cf.as_completed(jobs):  # a line per row as it ends, then the table
+            name, seed = jobs[job]
+            got = results[(name, seed)] = job.result()
             print(f"  {name} (seed {seed}): test {got['test_accuracy']:.3f}, unseen {got['unseen_accuracy']:.3f}"
                   f" [{time.perf_counter() - started:.0f} s]", flush=True)
-        results = {key: job.result() for key, job in jobs.items()}
 
     def summary(name: str, key: str) -> tuple[float, float, float]:
         values = [results[(name, seed)][key] for seed in range(args.seeds)]
