@@ -49,18 +49,18 @@ demo: broker
 benchmarks: broker data
 	$(PY) tests/benchmarks/centralized.py --data $(DATA_DIR)
 	$(PY) tests/benchmarks/augmentation.py --data $(DATA_DIR)
-	$(PY) tests/benchmarks/async_vs_sync.py --data $(DATA_DIR)
+	$(PY) tests/benchmarks/async_vs_sync.py
 	$(PY) tests/benchmarks/compression.py
 	$(PY) tests/benchmarks/transport.py
 	$(PY) tests/benchmarks/worker_throughput.py
 	$(PY) tests/benchmarks/coordinator_overhead.py
 	$(PY) tests/benchmarks/scale.py
-	$(PY) tests/benchmarks/downlink.py --data $(DATA_DIR)
+	$(PY) tests/benchmarks/downlink.py
 
 # mqfed beside Flower (tests/benchmarks/peer_flower.py; 26-37 min per repeat, 80-110 min for the 3 on 2 cores): flwr only for this.
 benchmark-peer: broker data
 	$(PY) -m pip install -q -e ".[dev,peer]"
-	$(PY) tests/benchmarks/peer_flower.py --data $(DATA_DIR)
+	$(PY) tests/benchmarks/peer_flower.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache runs

@@ -25,14 +25,21 @@ from tqdm.auto import tqdm
 
 from coordinator.local_federation import LocalFederation
 
-# The demo experiment (see docs/configuration.md for every key); --set KEY=VALUE changes any of it.
+# The demo experiment (see docs/configuration.md for every key); --set KEY=VALUE changes any of it. Why these
+# values (each measured in 6-minute demos): docs/augmentation.md, "The demo's settings".
 DEMO_SETTINGS = {
     "fedbuff.mode": "async",
     "fedbuff.concurrency": 2,
     "fedbuff.buffer_size": 2,
     "fedbuff.max_staleness": 8,
-    "tasks.eval_every": 2,
+    "local.learning_rate": 3e-3,
+    "local.eq_db": 10.0,
+    "tasks.codec": "fp16",
+    "tasks.lr_decay": "cosine",
+    "tasks.lr_decay_versions": 60,
+    "tasks.eval_every": 4,
     "tasks.deadline_s": 120.0,
+    "data.eval_max_clips": 1200,
     "stop.target_accuracy": 0.98,
     "stop.max_versions": 0,
 }

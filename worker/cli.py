@@ -29,9 +29,8 @@ def _data(args: argparse.Namespace) -> int:
     from common.data.shards import select_shard
 
     if args.data_command == "synth":
-        dd = corpus.build(args.out, corpus.SynthSpec(seed=args.seed, per_class=args.per_class,
-                                                     eval_per_class=args.eval_per_class,
-                                                     **({} if args.augment is None else {"augment": args.augment}),
+        chosen = {k: v for k, v in (("per_class", args.per_class), ("augment", args.augment)) if v is not None}
+        dd = corpus.build(args.out, corpus.SynthSpec(seed=args.seed, eval_per_class=args.eval_per_class, **chosen,
                                                      augment_p=args.augment_p, augment_eval=args.augment_eval,
                                                      unseen=args.unseen))
         out = args.out
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     synth = dsub.add_parser("synth", help="synthetic KS corpus from espeak-ng (offline)")
     synth.add_argument("--out", required=True)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--per-class", type=int, default=300, help="training clips per label")
+    synth.add_argument("--per-class", type=int, default=None, help="training clips per label (default: 1000)")
     synth.add_argument("--eval-per-class", type=int, default=None, help="validation/test/test_unseen clips per label")
     synth.add_argument("--augment", default=None, metavar="NAMES",
                        help="comma-separated synthesis-time augmentations: speed, tempo, formant, reverb, band, "

@@ -45,6 +45,8 @@ class TrainConfig:
     speed: speed perturbation, [low, high] factors (within [0.5, 2]): each clip is resampled by a factor drawn
       uniformly from the range (pitch and tempo together, linear interpolation; 1.1 is 10 % faster), then
       centre-cropped or zero-padded back to 1 s (None: off).
+    eq_db: random equalisation, each clip coloured by a gain uniform in [-eq_db, eq_db] dB at each octave from
+      62.5 Hz to 8 kHz, linear in log frequency between them, its power kept (0: off; common.learning.training).
     gain_db: random gain, each clip scaled by a factor drawn uniformly from [-gain_db, +gain_db] dB and clipped
       to [-1, 1] as a recording would saturate (0: off; the per-clip normalisation undoes the scale itself, so
       what remains is the clipping of loud clips).
@@ -68,6 +70,7 @@ class TrainConfig:
     label_smoothing: float = rule(0.1, ge=0, lt=1)
     speed: tuple[float, float] | None = None
     gain_db: float = rule(0.0, ge=0, le=40)
+    eq_db: float = rule(0.0, ge=0, le=24)
     noise_snr_db: tuple[float, float] | None = None
     time_masks: int = rule(0, ge=0, le=32)
     time_mask_ms: float = rule(0.0, ge=0, le=1000)
@@ -89,7 +92,7 @@ class TrainConfig:
     @property
     def augments(self) -> bool:
         """Whether any augmentation other than the time shift is on."""
-        return bool(self.speed or self.gain_db or self.noise_snr_db or (self.time_masks and self.time_mask_ms))
+        return bool(self.speed or self.eq_db or self.gain_db or self.noise_snr_db or (self.time_masks and self.time_mask_ms))
 
     def total_steps(self, n: int) -> int:
         return self.steps or max(1, math.ceil(self.epochs * n / self.batch_size))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from typing import Callable
@@ -136,6 +137,37 @@ def _noise(batch: torch.Tensor, low_db: float, high_db: float, gen: torch.Genera
     return batch + (noise.double() * scale).to(batch.dtype)
 
 
+EQ_ANCHORS_HZ = (62.5, 125.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0)
+
+
+def _equalize(batch: torch.Tensor, max_db: float, gen: torch.Generator) -> torch.Tensor:
+    """Colour each clip as a random microphone or room would: a gain uniform in [-max_db, max_db] dB at each
+    octave of `EQ_ANCHORS_HZ`, linear in log frequency between them (flat beyond), applied zero-phase in the
+    frequency domain; the clip's power is kept."""
+    n, length = batch.shape
+    gains_db = (2 * torch.rand((n, len(EQ_ANCHORS_HZ)), generator=gen) - 1) * max_db
+    curve_db = gains_db @ _eq_interpolation(length)  # (n, frequency bins)
+    spectrum = torch.fft.rfft(batch, dim=-1) * torch.exp(curve_db * (math.log(10) / 20))
+    out = torch.fft.irfft(spectrum, n=length, dim=-1)
+    power_in = batch.pow(2).mean(-1, keepdim=True)
+    power_out = out.pow(2).mean(-1, keepdim=True)
+    return out * (power_in / power_out.clamp_min(1e-30)).sqrt()
+
+
+@functools.lru_cache(maxsize=4)
+def _eq_interpolation(length: int) -> torch.Tensor:
+    """(anchors, rfft bins) weights: row k is anchor k's share of each bin's gain (linear in log frequency)."""
+    freqs = torch.fft.rfftfreq(length, 1.0 / SAMPLE_RATE, dtype=torch.float64)
+    position = torch.log2(freqs.clamp(EQ_ANCHORS_HZ[0], EQ_ANCHORS_HZ[-1]) / EQ_ANCHORS_HZ[0])  # anchor index
+    left = position.floor().long().clamp(max=len(EQ_ANCHORS_HZ) - 2)
+    frac = position - left
+    weights = torch.zeros((len(EQ_ANCHORS_HZ), freqs.numel()), dtype=torch.float64)
+    bins = torch.arange(freqs.numel())
+    weights[left, bins] = 1 - frac
+    weights[left + 1, bins] += frac
+    return weights.float()
+
+
 def _time_mask(batch: torch.Tensor, masks: int, max_width: int, gen: torch.Generator) -> torch.Tensor:
     """Zero `masks` spans per clip, each of a width uniform in [0, max_width] samples at a uniform start
     (SpecAugment's time masking on the waveform; spans may overlap). Vectorised with a difference array."""
@@ -151,10 +183,12 @@ def _time_mask(batch: torch.Tensor, masks: int, max_width: int, gen: torch.Gener
 
 def augment(batch: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> torch.Tensor:
     """`config`'s augmentation of a (N, samples) batch of raw clips, before the time shift and normalisation:
-    speed perturbation, gain, additive noise, time masking, each only when on (what is off draws nothing from
+    speed perturbation, equalisation, gain, additive noise, time masking, each only when on (what is off draws nothing from
     `gen`, so with all off training is what it was without them)."""
     if config.speed is not None:
         batch = _speed(batch, *config.speed, gen)
+    if config.eq_db:
+        batch = _equalize(batch, config.eq_db, gen)
     if config.gain_db:
         batch = _gain(batch, config.gain_db, gen)
     if config.noise_snr_db is not None:

@@ -139,7 +139,7 @@ def spread(values, fmt: str = "{:.0f}") -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=".cache/mqfed/synth-ks")
+    p.add_argument("--data", default=corpus.BENCHMARK_DIR)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--slowdown", type=float, default=4.0)
     p.add_argument("--target", type=float, default=0.8)
@@ -153,7 +153,7 @@ def main() -> None:
     configure(level="WARNING")
     if not ensure.ensure():
         raise SystemExit(ensure.HOW_TO.format(url=ensure.redact(amqp_url())))
-    corpus.build(args.data)
+    corpus.build(args.data, corpus.BENCHMARK_SPEC)
     results: dict[str, list[dict]] = {"async": [], "sync": []}
     for r in range(args.repeat):
         for mode in ("async", "sync") if r % 2 == 0 else ("sync", "async"):

@@ -7,7 +7,7 @@ Every row trains kws-tiny with tests/benchmarks/centralized.py's `run` (the work
 initial weights, seed, steps and cosine schedule; one thread per job, `--jobs` rows at once) and tests the
 final model on `test` (unheard voices of the training voice families) and `test_unseen` (voice families
 and an accent no training clip has). Rows: the whole set (the synthesis-time augmentations `--augment`,
-default all eight, and the training-time ones `--train-augment`, default all four at TRAIN_SET's
+default all eight, and the training-time ones `--train-augment`, default all five at TRAIN_SET's
 settings), each of them off in turn, and none at all. A synthesis-time row builds its own corpus beside
 `--data` first (about a minute each on 2 cores). `--seeds N` repeats every row with training seeds 0..N-1
 (the corpus stays the same) and reports medians and ranges. Prints the table, then one JSON line
@@ -28,10 +28,10 @@ from common.data import corpus
 from common.logs import configure
 
 # training-time augmentation: name in the table -> the TrainConfig fields it sets (off: their defaults)
-TRAIN_AUGMENTATIONS = {"train-speed": ("speed",), "train-gain": ("gain_db",), "train-noise": ("noise_snr_db",),
-                       "train-masks": ("time_masks", "time_mask_ms")}
+TRAIN_AUGMENTATIONS = {"train-speed": ("speed",), "train-eq": ("eq_db",), "train-gain": ("gain_db",),
+                       "train-noise": ("noise_snr_db",), "train-masks": ("time_masks", "time_mask_ms")}
 # the whole training-time set (docs/augmentation.md's example)
-TRAIN_SET = {"speed": [0.9, 1.1], "gain_db": 6.0, "noise_snr_db": [15.0, 40.0], "time_masks": 2, "time_mask_ms": 40.0}
+TRAIN_SET = {"speed": [0.9, 1.1], "eq_db": 10.0, "gain_db": 6.0, "noise_snr_db": [15.0, 40.0], "time_masks": 2, "time_mask_ms": 40.0}
 
 
 def _flags(synth: tuple[str, ...], train: dict, args: argparse.Namespace, seed: int) -> list[str]:
@@ -75,6 +75,7 @@ def main() -> None:
     for name, fields in TRAIN_AUGMENTATIONS.items():
         if any(f in train for f in fields):
             rows[f"no {name}"] = (synth, {k: v for k, v in train.items() if k not in fields})
+    rows = {name: row for name, row in rows.items() if row != ((), {})}  # a set of one: its "no" row is "none"
     rows["none"] = ((), {})
     print(f"augmentation ablation: {len(rows)} rows x {args.seeds} seed(s), {args.steps} steps each, {args.jobs} at once;"
           f" corpus set {','.join(synth) or 'none'} (p {args.augment_p:g}), training set {train or 'none'}", flush=True)

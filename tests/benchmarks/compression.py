@@ -202,7 +202,7 @@ def real_delta(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], objec
     from common.learning.training import train
     from worker.daemon import load_shards
 
-    corpus.build(args.data)
+    corpus.build(args.data, corpus.BENCHMARK_SPEC)
     clips, _ = load_shards(args.data, args.real_shard)
     np.random.seed(args.seed)  # transformers draws wav2vec2's SpecAugment masks from numpy's global generator
     model = build_model(ModelSpec(name="wav2vec2-base", seed=args.seed))
@@ -289,7 +289,7 @@ def section_accuracy(args: argparse.Namespace) -> dict:
 
     if not ensure.ensure():
         raise SystemExit("no broker for the accuracy section (see `mqfed-broker ensure`)")
-    corpus.build(args.data)
+    corpus.build(args.data, corpus.BENCHMARK_SPEC)
     codecs = ["none"] + [c for c in args.accuracy_codecs if c != "none"]
     n = args.accuracy_repeat
     print(f"\ndemo task: 2 workers (speaker shards), kws-tiny, {args.versions} versions per run, {n} repeats per"
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="accuracy runs per codec, paired with an uncompressed run each, order alternating")
     parser.add_argument("--smoke", action="store_true",
                         help=f"toy sizes for a quick check ({SMOKE}); explicit flags still win")
-    parser.add_argument("--data", default=".cache/mqfed/synth-ks")
+    parser.add_argument("--data", default=".cache/mqfed/synth-ks-300")  # corpus.BENCHMARK_DIR
     args = parser.parse_args(argv)
     if args.smoke:  # parse again with the smoke defaults underneath the flags given
         parser.set_defaults(**SMOKE)

@@ -65,14 +65,14 @@ def main() -> None:
     p.add_argument("--versions", type=int, default=40)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--data", default=".cache/mqfed/synth-ks")
+    p.add_argument("--data", default=corpus.BENCHMARK_DIR)
     p.add_argument("--run-root", default="runs/bench")
     args = p.parse_args()
     arms = args.arms.split(",")
     configure(level="WARNING")
     if not ensure.ensure():
         raise SystemExit(ensure.HOW_TO.format(url=ensure.redact(amqp_url())))
-    corpus.build(args.data)
+    corpus.build(args.data, corpus.BENCHMARK_SPEC)
     results: dict[str, list[dict]] = {a: [] for a in arms}
     for r in range(args.repeat):
         for arm in (arms if r % 2 == 0 else arms[::-1]):  # alternate the order: drift hits every arm alike

@@ -1,5 +1,5 @@
-"""Training-time augmentation (common/learning/training.py `augment`, TrainConfig's speed, gain_db, noise_snr_db,
-time_masks and time_mask_ms): each does what it says to the number, draws only from the training generator
+"""Training-time augmentation (common/learning/training.py `augment`, TrainConfig's speed, eq_db, gain_db,
+noise_snr_db, time_masks and time_mask_ms): each does what it says to the number, draws only from the training generator
 (repeatable), and when off changes nothing: not the batch, not the generator, not the trained weights. The
 settings are validated naming the field and travel in a train task (common/wire/messages.py)."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from common.data.audio import SAMPLE_RATE
 from common.learning.config import TrainConfig
 from common.learning.model import ModelSpec, build_model
-from common.learning.training import Clips, augment, train
+from common.learning.training import EQ_ANCHORS_HZ, Clips, augment, train
 from common.wire import messages
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -41,7 +41,7 @@ def _runs(row: torch.Tensor) -> list[tuple[int, int]]:
 
 # --- off ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("off", [{}, {"speed": None, "gain_db": 0.0, "noise_snr_db": None},
+@pytest.mark.parametrize("off", [{}, {"speed": None, "eq_db": 0.0, "gain_db": 0.0, "noise_snr_db": None},
                                  {"time_masks": 4, "time_mask_ms": 0.0}, {"time_masks": 0, "time_mask_ms": 100.0}])
 def test_augmentation_off_returns_the_batch_and_draws_nothing(off):
     batch = torch.randn(4, N)
@@ -70,7 +70,7 @@ def test_training_with_augmentation_is_repeatable_and_differs_from_without(tiny_
     from common.data.dataset import to_arrays
 
     clips = Clips.from_arrays(*to_arrays(tiny_corpus["train"]))
-    on = dict(speed=(0.9, 1.1), gain_db=6.0, noise_snr_db=(10.0, 30.0), time_masks=2, time_mask_ms=50.0)
+    on = dict(speed=(0.9, 1.1), eq_db=10.0, gain_db=6.0, noise_snr_db=(10.0, 30.0), time_masks=2, time_mask_ms=50.0)
     states = []
     for config in (TrainConfig(steps=2, batch_size=4, seed=3, **on), TrainConfig(steps=2, batch_size=4, seed=3, **on),
                    TrainConfig(steps=2, batch_size=4, seed=3)):
@@ -84,7 +84,8 @@ def test_training_with_augmentation_is_repeatable_and_differs_from_without(tiny_
 
 def test_augment_is_repeatable_with_the_same_generator_seed():
     batch = 0.1 * torch.randn(3, N, generator=_gen(9))
-    config = _config(speed=(0.8, 1.2), gain_db=6.0, noise_snr_db=(0.0, 20.0), time_masks=3, time_mask_ms=40.0)
+    config = _config(speed=(0.8, 1.2), eq_db=10.0, gain_db=6.0, noise_snr_db=(0.0, 20.0), time_masks=3,
+                     time_mask_ms=40.0)
     a, b, c = (augment(batch, config, _gen(s)) for s in (1, 1, 2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == batch.shape and a.dtype == batch.dtype and torch.isfinite(a).all()
@@ -198,6 +199,47 @@ def test_speed_factors_are_drawn_per_clip_from_the_range():
     assert factors.min() < 0.82 and factors.max() > 1.22
 
 
+# --- equalisation -------------------------------------------------------------------------------------
+
+def _tone_db(clip: torch.Tensor, hz: float) -> float:
+    """The level (dB) of the `hz` component of a 1 s clip (an exact rfft bin)."""
+    return 20 * math.log10(float(torch.fft.rfft(clip.double()).abs()[int(hz)]))
+
+
+def test_equalisation_gives_each_octave_anchor_its_drawn_gain_to_the_number():
+    # tones at every anchor: each comes out scaled by its own drawn gain (then all by one power-keeping factor)
+    t = torch.arange(N) / SAMPLE_RATE
+    anchors = [hz for hz in EQ_ANCHORS_HZ if hz < SAMPLE_RATE / 2] + [3000.0]  # 8 kHz is Nyquist; 3 kHz between
+    clip = sum(0.1 * torch.sin(2 * math.pi * hz * t) for hz in anchors).repeat(5, 1)
+    out = augment(clip, _config(eq_db=12.0), _gen(3))
+    drawn = (2 * torch.rand((5, len(EQ_ANCHORS_HZ)), generator=_gen(3)) - 1) * 12.0  # what _equalize draws
+    for row in range(5):
+        level = {hz: _tone_db(out[row], hz) - _tone_db(clip[row], hz) for hz in anchors}
+        offset = level[1000.0] - float(drawn[row, 4])  # the power-keeping factor, the same for every tone
+        for k, hz in enumerate(EQ_ANCHORS_HZ[:-1]):
+            assert level[hz] - offset == pytest.approx(float(drawn[row, k]), abs=1e-3)
+        # 3 kHz is log2(1.5) of the way from the 2 kHz anchor to the 4 kHz one
+        between = float(drawn[row, 5]) + math.log2(1.5) * float(drawn[row, 6] - drawn[row, 5])
+        assert level[3000.0] - offset == pytest.approx(between, abs=1e-3)
+    assert (drawn.abs() <= 12.0).all() and drawn.abs().max() > 6.0
+
+
+def test_equalisation_keeps_each_clips_power_and_a_silent_clip_silent():
+    clip = 0.1 * torch.randn(6, N, generator=_gen(8))
+    out = augment(clip, _config(eq_db=20.0), _gen())
+    assert out.pow(2).mean(-1).tolist() == pytest.approx(clip.pow(2).mean(-1).tolist(), rel=1e-4)
+    assert not torch.allclose(out, clip, atol=1e-3)
+    assert torch.equal(augment(torch.zeros(2, N), _config(eq_db=20.0), _gen()), torch.zeros(2, N))
+
+
+def test_equalisation_is_flat_below_the_lowest_anchor_and_at_dc():
+    clip = torch.full((3, N), 0.2) + 0.1 * torch.sin(2 * math.pi * 30.0 * torch.arange(N) / SAMPLE_RATE)
+    out = augment(clip, _config(eq_db=12.0), _gen(4))
+    dc = torch.fft.rfft(out.double()).abs()[:, 0] / torch.fft.rfft(clip.double()).abs()[:, 0]
+    low = torch.fft.rfft(out.double()).abs()[:, 30] / torch.fft.rfft(clip.double()).abs()[:, 30]
+    assert dc.tolist() == pytest.approx(low.tolist(), rel=1e-6)  # 0 Hz and 30 Hz both get the 62.5 Hz gain
+
+
 # --- config and wire ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field, value", [
@@ -205,6 +247,7 @@ def test_speed_factors_are_drawn_per_clip_from_the_range():
     ("speed", [math.nan, 1.0]), ("speed", "fast"), ("speed", [True, 1.0]), ("speed", 1.1),
     ("noise_snr_db", [20.0, 10.0]), ("noise_snr_db", [-30.0, 0.0]), ("noise_snr_db", [0.0, math.inf]),
     ("noise_snr_db", {}), ("gain_db", -1.0), ("gain_db", 41.0), ("gain_db", math.nan), ("gain_db", True),
+    ("eq_db", -1.0), ("eq_db", 25.0), ("eq_db", math.nan), ("eq_db", math.inf), ("eq_db", "10"),
     ("time_masks", -1), ("time_masks", 33), ("time_masks", 1.5), ("time_mask_ms", -1.0), ("time_mask_ms", 1001.0),
 ])
 def test_augmentation_settings_refuse_a_bad_value_naming_the_field(field, value):
@@ -219,11 +262,11 @@ def test_ranges_given_as_lists_become_tuples_of_floats():
 
 
 def test_augmentation_settings_travel_in_a_train_task():
-    local = TrainConfig(steps=3, speed=(0.9, 1.1), gain_db=6.0, noise_snr_db=(5.0, 20.0), time_masks=2,
+    local = TrainConfig(steps=3, speed=(0.9, 1.1), eq_db=10.0, gain_db=6.0, noise_snr_db=(5.0, 20.0), time_masks=2,
                         time_mask_ms=40.0)
     task = messages.TrainTask("exp", "run-1", "t1", 0, 4e9, "none", "kws-tiny", False, local)
     back = messages.decode(messages.encode(task))
-    assert back == task and back.local.speed == (0.9, 1.1)
+    assert back == task and back.local.speed == (0.9, 1.1) and back.local.eq_db == 10.0
 
 
 @pytest.mark.parametrize("local, phrase", [
@@ -235,6 +278,9 @@ def test_augmentation_settings_travel_in_a_train_task():
     ({"time_masks": 10**6}, "TrainConfig.time_masks must be"),
     ({"time_mask_ms": 1e300}, "TrainConfig.time_mask_ms must be"),
     ({"gain_db": 1e300}, "TrainConfig.gain_db must be"),
+    ({"eq_db": 1e300}, "TrainConfig.eq_db must be"),
+    ({"eq_db": -3.0}, "TrainConfig.eq_db must be"),
+    ({"eq_db": "loud"}, "train_task.local.eq_db"),
 ])
 def test_hostile_augmentation_settings_in_a_train_task_are_an_invalid_field(local, phrase):
     body = msgpack.unpackb(messages.encode(messages.TrainTask("exp", "run-1", "t1", 0, 4e9, "none", "kws-tiny", False,

@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--inner", help=argparse.SUPPRESS)
     ap.add_argument("--arm", choices=("deployment", "legacy"))
-    ap.add_argument("--data", default=str(REPO / ".cache/mqfed/synth-ks"))
+    ap.add_argument("--data", default=str(REPO / ".cache/mqfed/synth-ks-300"))  # corpus.BENCHMARK_DIR
     ap.add_argument("--work-dir", default=str(REPO / "runs/flower-peer"))
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--slowdown", type=float, default=4.0)
