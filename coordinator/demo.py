@@ -28,6 +28,7 @@ from coordinator.local_federation import LocalFederation
 # The demo experiment (see docs/configuration.md for every key); --set KEY=VALUE changes any of it. Why these
 # values (each measured in 6-minute demos): docs/augmentation.md, "The demo's settings".
 DEMO_SETTINGS = {
+    "model.name": "kws-fast",
     "fedbuff.mode": "async",
     "fedbuff.concurrency": 2,
     "fedbuff.buffer_size": 2,
@@ -36,7 +37,7 @@ DEMO_SETTINGS = {
     "local.eq_db": 10.0,
     "tasks.codec": "fp16",
     "tasks.lr_decay": "cosine",
-    "tasks.lr_decay_versions": 60,
+    "tasks.lr_decay_versions": 100,
     "tasks.eval_every": 4,
     "tasks.deadline_s": 120.0,
     "data.eval_max_clips": 1200,

@@ -1,4 +1,4 @@
-"""The KS classifier factory (common/learning/model.py): the tiny preset, the twelve KS labels on the head, seeded
+"""The KS classifier factory (common/learning/model.py): the tiny presets, the twelve KS labels on the head, seeded
 initialisation, freezing the feature encoder, offline errors for unknown names, and the exported
 directory that `transformers.pipeline("audio-classification")` and `build_model` load back."""
 from __future__ import annotations
@@ -22,10 +22,10 @@ def hub_offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-@pytest.fixture(scope="module")
-def saved_dir(tmp_path_factory):
-    model = build_model(ModelSpec("kws-tiny", seed=3))
-    return save_model(model, tmp_path_factory.mktemp("model") / "kws-tiny"), model
+@pytest.fixture(scope="module", params=["kws-tiny", "kws-fast"])  # kws-fast: the demo's export
+def saved_dir(tmp_path_factory, request):
+    model = build_model(ModelSpec(request.param, seed=3))
+    return save_model(model, tmp_path_factory.mktemp("model") / request.param), model
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -35,6 +35,15 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def test_tiny_preset_has_about_a_tenth_of_a_million_parameters():
     assert 50_000 <= parameter_count(build_model(ModelSpec("kws-tiny"))) <= 250_000
+
+
+def test_fast_preset_is_the_tiny_one_with_half_the_frames():
+    """kws-fast: the first convolution twice as long (80 taps) at twice the stride, everything else kws-tiny's."""
+    tiny, fast = build_model(ModelSpec("kws-tiny")), build_model(ModelSpec("kws-fast"))
+    assert parameter_count(fast) - parameter_count(tiny) == 40 * 32  # 40 more taps for each of 32 channels
+    frames = [int(m.wav2vec2._get_feat_extract_output_lengths(16_000)) for m in (tiny, fast)]
+    assert frames == [48, 23]
+    assert fast(input_values=torch.zeros(2, 16_000)).logits.shape == (2, 12)
 
 
 def test_model_head_has_the_twelve_ks_labels():
