@@ -35,6 +35,7 @@ DEMO_SETTINGS = {
     "fedbuff.max_staleness": 8,
     "local.learning_rate": 3e-3,
     "local.eq_db": 10.0,
+    "local.keep_optimizer": True,
     "tasks.codec": "fp16",
     "tasks.lr_decay": "cosine",
     "tasks.lr_decay_versions": 100,

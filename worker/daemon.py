@@ -121,6 +121,7 @@ class Trainer:
                                f" {torch.cuda.device_count() if torch.cuda.is_available() else 0} visible GPUs)")
         self.train_clips, self.val_clips = load_shards(w.data, w.shard)
         self.ef: ErrorFeedback | None = None  # the residual of the run the last task belonged to
+        self.opt_state: tuple[tuple, dict] | None = None  # ((run, model key, optimizer), its state) after the last training
         self.stop_event = threading.Event()
         self.model = None
         self.model_key: tuple | None = None
@@ -333,8 +334,16 @@ class Trainer:
             check_abort()
             check_deadline(task, "training", step, total)
 
+        # local.keep_optimizer: go on from the optimizer state of this run's last training of this model; an
+        # interrupted training leaves none behind (its moments were updated in place), so the next starts fresh
+        owner = (task.run_id, key, config.optimizer)
+        prior = self.opt_state[1] if config.keep_optimizer and self.opt_state and self.opt_state[0] == owner else None
+        self.opt_state = None
+
         def work():
-            result = train(model, self.train_clips, config, self.device, on_step=on_step)
+            result = train(model, self.train_clips, config, self.device, on_step=on_step, optimizer_state=prior)
+            if config.keep_optimizer:
+                self.opt_state = (owner, result.optimizer_state)
             end = time.monotonic() + (self.w.slowdown - 1.0) * result.seconds + self.w.delay_s
             while time.monotonic() < end:  # a straggler (experiments): sleep, abortable
                 check_abort()

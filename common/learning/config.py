@@ -39,6 +39,10 @@ class TrainConfig:
     time_shift_s: augmentation, roll each clip by up to this many seconds either way (0: off).
     label_smoothing: cross-entropy label smoothing (0: off; 0.1 helped kws-tiny on unheard voices).
     seed: batch order, augmentation and dropout.
+    keep_optimizer: a worker goes on from the optimizer state (AdamW moments and step counts, SGD momentum) its
+      previous training of the same run and model left, instead of a fresh optimizer per task; held in the
+      trainer's memory (two copies of the trainable parameters for AdamW), not across a restart
+      (docs/augmentation.md, "The demo's settings").
 
     Augmentation of each training batch (docs/augmentation.md), applied in this order before the time shift and
     the per-clip normalisation; each is off by default, and with all off training is bit-identical to before:
@@ -68,6 +72,7 @@ class TrainConfig:
     time_shift_s: float = rule(0.1, ge=0)
     seed: int = rule(0, ge=0)
     label_smoothing: float = rule(0.1, ge=0, lt=1)
+    keep_optimizer: bool = False
     speed: tuple[float, float] | None = None
     gain_db: float = rule(0.0, ge=0, le=40)
     eq_db: float = rule(0.0, ge=0, le=24)

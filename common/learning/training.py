@@ -57,6 +57,9 @@ class TrainResult:
     samples: int  # clips seen (with repeats)
     seconds: float
     steps: int
+    # the optimizer's state after the last step (`optimizer.state_dict()`, tensors on the training device),
+    # for the next `train` of the same model and parameters to go on from
+    optimizer_state: dict | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def samples_per_s(self) -> float:
@@ -199,10 +202,14 @@ def augment(batch: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> t
 
 
 def train(model: torch.nn.Module, clips: Clips, config: TrainConfig, device: str | torch.device = "cpu",
-          on_step: Callable[[int, int, float], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, int, float], None] | None = None,
+          optimizer_state: dict | None = None) -> TrainResult:
     """Train `model` in place on `clips`; returns loss, samples, seconds and steps.
 
-    on_step(step, total, loss) is called after each step (progress bars, heartbeats).
+    on_step(step, total, loss) is called after each step (progress bars, heartbeats). optimizer_state: an
+    earlier result's `optimizer_state` for the same model (same trainable parameters, same optimizer) to go on
+    from, moments and step counts included, instead of a fresh optimizer; the learning rate is still this
+    config's schedule.
     Raises DataError when `clips` is empty, TrainingDiverged when the loss becomes non-finite.
     """
     if len(clips) == 0:
@@ -216,6 +223,10 @@ def train(model: torch.nn.Module, clips: Clips, config: TrainConfig, device: str
         opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=config.learning_rate, momentum=0.9, weight_decay=config.weight_decay)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
+        for group in opt.param_groups:
+            group["weight_decay"] = config.weight_decay
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     max_shift = int(config.time_shift_s * SAMPLE_RATE)
@@ -248,7 +259,7 @@ def train(model: torch.nn.Module, clips: Clips, config: TrainConfig, device: str
             on_step(step + 1, total, loss_value)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return TrainResult(loss_sum / total, samples, time.perf_counter() - start, total)
+    return TrainResult(loss_sum / total, samples, time.perf_counter() - start, total, opt.state_dict())
 
 
 @torch.no_grad()

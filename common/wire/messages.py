@@ -18,9 +18,9 @@ import msgpack
 from common.errors import MqfedError
 from common.learning.config import TrainConfig
 
-SCHEMA_VERSION = 4  # 2: TrainTask carries typed local-training settings (`local`), not an options map;
+SCHEMA_VERSION = 5  # 2: TrainTask carries typed local-training settings (`local`), not an options map;
 #                    3: `local` gained the augmentation fields (speed, gain_db, noise_snr_db, time_masks, time_mask_ms);
-#                    4: `local` gained eq_db (random equalisation)
+#                    4: `local` gained eq_db (random equalisation); 5: `local` gained keep_optimizer
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # inline payloads are limited to this; bigger ones travel chunked
 _MAX_STR = 1024 * 1024
 _MAX_ARRAY = 100_000

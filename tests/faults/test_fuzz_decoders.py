@@ -571,10 +571,10 @@ def test_worker_task_path_settles_every_delivery_once_and_runs_only_valid_tasks(
 @pytest.mark.parametrize("local", [{"epochs": [1.0]}, {"warmup_steps": None}, {"time_shift_s": {}},
                                    {"batch_size": 0}, {"optimizer": "adam"}, {"speed": [0.9]}, {"speed": [2.0, 0.5]},
                                    {"speed": "fast"}, {"noise_snr_db": [0.0, 1e300]}, {"gain_db": 1e300},
-                                   {"time_masks": 10**9}, {"time_mask_ms": -1.0}],
+                                   {"time_masks": 10**9}, {"time_mask_ms": -1.0}, {"keep_optimizer": 1}],
                          ids=["epochs-list", "warmup-none", "time-shift-map", "batch-size-0", "unknown-optimizer",
                               "speed-one-item", "speed-reversed", "speed-string", "snr-huge", "gain-huge",
-                              "time-masks-huge", "time-mask-negative"])
+                              "time-masks-huge", "time-mask-negative", "keep-optimizer-int"])
 def test_a_train_task_with_local_settings_of_the_wrong_type_is_dead_lettered_not_fatal_to_the_trainer(local):
     from worker.daemon import TaskAborted, Trainer
 

@@ -46,6 +46,7 @@ def _same(a: dict, b: dict) -> bool:
     ("max_grad_norm", -1.0), ("max_grad_norm", math.nan), ("max_grad_norm", True), ("optimizer", "adam"),
     ("time_shift_s", -0.1), ("seed", -1), ("seed", 0.5),
     ("label_smoothing", -0.1), ("label_smoothing", 1.0), ("label_smoothing", True),
+    ("keep_optimizer", 1), ("keep_optimizer", "yes"),
 ])
 def test_train_config_refuses_a_bad_value_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"TrainConfig\.{field}\b"):
@@ -123,6 +124,38 @@ def test_train_is_bit_for_bit_repeatable_on_cpu_with_the_same_seed(clips):
     other = build_model(ModelSpec("kws-tiny"))
     train(other, clips, TrainConfig(steps=2, batch_size=4, seed=8))
     assert not _same(runs[0][0], _state(other))
+
+
+class Probe(torch.nn.Module):
+    """A linear read-out of each clip's first 64 samples: no dropout, so training is a function of the steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(64, len(KS_LABELS))
+
+    def forward(self, input_values: torch.Tensor):
+        return types.SimpleNamespace(logits=self.linear(input_values[:, :64]))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_going_on_from_an_optimizer_state_is_one_longer_training(clips, optimizer):
+    """Full batches (order does not matter), constant rate: 2 steps, then 2 more from the first training's
+    optimizer state, end where 4 steps in one go do; 2 + 2 with a fresh optimizer each end elsewhere."""
+    some = Clips(clips.audio[:8], clips.labels[:8])
+    config = TrainConfig(steps=2, batch_size=8, time_shift_s=0.0, optimizer=optimizer, weight_decay=0.01)
+    whole = Probe()
+    train(whole, some, TrainConfig(**{**config.__dict__, "steps": 4}))
+    resumed, fresh = Probe(), Probe()
+    first = train(resumed, some, config)
+    second = train(resumed, some, config, optimizer_state=first.optimizer_state)
+    train(fresh, some, config)
+    train(fresh, some, config)
+    for name, value in _state(whole).items():
+        torch.testing.assert_close(_state(resumed)[name], value, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(_state(fresh)["linear.weight"], _state(whole)["linear.weight"], rtol=1e-5, atol=1e-6)
+    if optimizer == "adamw":
+        assert [float(s["step"]) for s in second.optimizer_state["state"].values()] == [4.0, 4.0]
 
 
 def test_train_on_an_empty_shard_raises_data_error():

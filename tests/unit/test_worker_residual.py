@@ -33,7 +33,7 @@ def _trainer(tmp_path, pub):
     base = {n: t.detach().clone() for n, t in model.state_dict().items()}
     trainer = types.SimpleNamespace(
         w=types.SimpleNamespace(experiment="exp", inline_max_bytes=1024, chunk_bytes=1024, slowdown=1.0, delay_s=0.0),
-        worker_id="w1/cpu", topo=types.SimpleNamespace(update_exchange="x", UPDATES_KEY="updates"), pub=pub, ef=None,
+        worker_id="w1/cpu", topo=types.SimpleNamespace(update_exchange="x", UPDATES_KEY="updates"), pub=pub, ef=None, opt_state=None,
         ef_path=tmp_path / "residual.bin", device="cpu", stop_event=types.SimpleNamespace(is_set=lambda: False),
         fetched_bytes=0, base=None, base_run=None, metrics=WorkerMetrics("w1", "cpu"))
     trainer._model_for = lambda name, freeze: model

@@ -53,7 +53,7 @@ def _make_trainer(ef_path, version0) -> Trainer:
     t = Trainer.__new__(Trainer)
     t.w = _worker()
     t.worker_id, t.device, t.topo = "unit/cpu", "cpu", Topology("exp")
-    t.ef, t.ef_path = None, ef_path
+    t.ef, t.ef_path, t.opt_state = None, ef_path, None
     t.stop_event = threading.Event()
     t.model, t.model_key, t.base, t.base_run, t.fetched_bytes = None, None, None, None, 0
     t.status, t.tasks_done = "idle", 0
@@ -78,8 +78,9 @@ def trainer(tmp_path, version0, torch_single_thread):
     return _make_trainer(tmp_path / "residual.bin", version0)
 
 
-def _train(task_id: str, model: str = "kws-tiny", deadline_s: float = 600.0, **local) -> messages.TrainTask:
-    return messages.TrainTask("exp", "run-1", task_id, 0, time.time() + deadline_s, CODEC, model, False,
+def _train(task_id: str, model: str = "kws-tiny", deadline_s: float = 600.0, run: str = "run-1",
+           **local) -> messages.TrainTask:
+    return messages.TrainTask("exp", run, task_id, 0, time.time() + deadline_s, CODEC, model, False,
                               TrainConfig(**{"steps": 2, "batch_size": 4, **local}))
 
 
@@ -303,3 +304,28 @@ def test_the_coordinator_counts_only_plausible_reported_download_bytes(value, co
 
     assert reported_fetched_bytes({"fetched_bytes": value}) == counted
     assert reported_fetched_bytes({}) == 0
+
+
+# -- local.keep_optimizer ------------------------------------------------------------------------------------
+
+def _steps(trainer) -> list[float]:
+    """The step count in the optimizer state the trainer holds (every parameter's)."""
+    return sorted({float(s["step"]) for s in trainer.opt_state[1]["state"].values()})
+
+
+def test_a_trainer_keeps_its_optimizer_state_between_the_tasks_of_a_run_and_model_only(trainer):
+    assert _on(trainer, _train("t1", keep_optimizer=True)) is Outcome.ACK and _steps(trainer) == [2.0]
+    assert _on(trainer, _train("t2", keep_optimizer=True)) is Outcome.ACK and _steps(trainer) == [4.0]
+    assert _on(trainer, _train("t3", keep_optimizer=True, run="run-2")) is Outcome.ACK  # another run: fresh
+    assert _steps(trainer) == [2.0]
+    assert _on(trainer, _train("t4", keep_optimizer=True, run="run-2", optimizer="sgd")) is Outcome.ACK
+    assert trainer.opt_state[0] == ("run-2", ("kws-tiny", False), "sgd")
+    assert _on(trainer, _train("t5")) is Outcome.ACK and trainer.opt_state is None  # off: nothing held
+    assert [u.task_id for u in trainer.pub.updates()] == ["t1", "t2", "t3", "t4", "t5"]
+
+
+def test_a_training_cut_short_leaves_no_optimizer_state_and_the_next_task_starts_fresh(trainer):
+    assert _on(trainer, _train("t1", keep_optimizer=True)) is Outcome.ACK and _steps(trainer) == [2.0]
+    assert _on(trainer, _train("late", deadline_s=1.0, steps=100_000, keep_optimizer=True)) is Outcome.ACK
+    assert trainer.opt_state is None  # its moments moved in place part of the way: not gone on from
+    assert _on(trainer, _train("t2", keep_optimizer=True)) is Outcome.ACK and _steps(trainer) == [2.0]
