@@ -38,7 +38,7 @@ DEMO_SETTINGS = {
     "local.keep_optimizer": True,
     "tasks.codec": "fp16",
     "tasks.lr_decay": "cosine",
-    "tasks.lr_decay_versions": 100,
+    "tasks.lr_decay_versions": 150,
     "tasks.eval_every": 4,
     "tasks.deadline_s": 120.0,
     "data.eval_max_clips": 1200,

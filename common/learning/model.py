@@ -100,9 +100,23 @@ def build_model(spec: ModelSpec = ModelSpec(), weights: bool = True) -> Wav2Vec2
         except OSError as exc:
             known = ", ".join(PRESETS)
             raise ModelLoadError(f"model {spec.name!r} is neither a preset ({known}) nor loadable: {exc}") from exc
+    _no_waveform_gradient(model)
     if spec.freeze_feature_encoder:
         model.freeze_feature_encoder()
     return model
+
+
+def _no_waveform_gradient(model: PreTrainedModel) -> None:
+    """Stop the feature encoder from asking for the gradient of its input audio in training.
+
+    Hugging Face's `Wav2Vec2FeatureEncoder` marks the raw waveform `requires_grad` (for its reentrant gradient
+    checkpointing, which mqfed does not use), so every backward pass also computes a gradient for each of the
+    batch's 16000 input samples that nothing reads: a third of a kws-fast training step on the CPU. The weights'
+    gradients are the same without it (tests/unit/test_model.py). A model without that encoder is left as is.
+    """
+    encoder = getattr(getattr(model, "wav2vec2", None), "feature_extractor", None)
+    if encoder is not None and hasattr(encoder, "_requires_grad"):
+        encoder._requires_grad = False
 
 
 def feature_extractor() -> Wav2Vec2FeatureExtractor:

@@ -78,6 +78,28 @@ def test_freeze_feature_encoder_leaves_the_conv_encoder_without_grad():
     assert all(p.requires_grad for p in build_model(ModelSpec("kws-tiny")).parameters())
 
 
+def test_training_asks_no_gradient_of_the_input_audio_and_the_weights_get_the_same_gradients():
+    """build_model stops the feature encoder from marking the waveform `requires_grad` (a third of a kws-fast step
+    on the CPU, module doc); every weight's gradient is what Hugging Face's default computes, to the number."""
+    x, y = torch.randn(4, 16_000, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 3, 7, 11])
+    seen = []
+
+    def grads(model):
+        model.train()
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(input_values=x).logits, y).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}  # not the unused mask
+
+    ours, default = build_model(ModelSpec("kws-fast", seed=4)), build_model(ModelSpec("kws-fast", seed=4))
+    default.wav2vec2.feature_extractor._requires_grad = True  # Hugging Face's default
+    first_conv = ours.wav2vec2.feature_extractor.conv_layers[0]
+    first_conv.register_forward_pre_hook(lambda _module, args: seen.append(args[0].requires_grad))
+    g_ours, g_default = grads(ours), grads(default)
+    assert seen == [False]
+    assert g_ours.keys() == g_default.keys() and "wav2vec2.feature_extractor.conv_layers.0.conv.weight" in g_ours
+    assert all(torch.allclose(g_ours[n], g_default[n], rtol=1e-5, atol=1e-7) for n in g_ours)
+
+
 def test_unknown_model_name_raises_os_error_naming_it(hub_offline):
     with pytest.raises(OSError, match="'no-such-org/no-such-kws-model'"):
         build_model(ModelSpec("no-such-org/no-such-kws-model"))
