@@ -1,23 +1,27 @@
 """A worker's local-training throughput and peak memory on one device, beside a bare training loop.
 
     python tests/benchmarks/worker_throughput.py [--model wav2vec2-base] [--device cuda:0|cpu]
-                                                 [--batch-size 32] [--steps 20] [--warmup 3]
+                                                 [--batch-size 32] [--steps 20] [--warmup 3] [--repeats 3]
 
 mqfed: `common.learning.training.train` (what a worker trainer runs per task: per-clip normalisation, time-shift
 augmentation, AdamW, gradient clipping, bf16 autocast on CUDA), on random 1 s clips. Baseline, in the same
 run on the same model and batches: a bare fp32 loop (forward, cross-entropy, backward, AdamW step, nothing
-else). On CUDA the ratio is what bf16 autocast and the extras give together; on the CPU (no autocast) it is
-the cost of the extras. The model is a preset (`wav2vec2-base`: the base architecture, 94.4 M parameters,
+else) on the model as `build_model` makes it. On CUDA the ratio is what bf16 autocast and the extras give
+together; on the CPU (no autocast) it is the cost of the extras. A third row is the bare loop on the model as
+Hugging Face makes it, whose feature encoder also computes the gradient of the input waveform
+(`build_model` turns that off: common/learning/model.py); `hf_default_ratio` is the bare loop's speed over
+it. The loops run `--repeats` times, interleaved; each figure is the median, with the range. The model is a preset (`wav2vec2-base`: the base architecture, 94.4 M parameters,
 random init, nothing downloaded; `kws-tiny`) or anything `common.learning.model.build_model` takes. `--warmup` steps
 of each loop are not timed (CUDA kernels, allocator). Peak memory: `torch.cuda.max_memory_allocated` on
 CUDA, the process's peak RSS on the CPU (for mqfed's loop only: it ran first, and RSS peaks never go down). Prints a table, then one JSON line
-{"model", "device", "samples_per_s", "baseline_samples_per_s", "ratio", "peak_mem_mb", ...}.
+{"model", "device", "samples_per_s", "baseline_samples_per_s", "ratio", "hf_default_ratio", "peak_mem_mb", ...}.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import resource
+import statistics
 import time
 
 import torch
@@ -75,6 +79,18 @@ def ours(model: torch.nn.Module, clips: Clips, batch: int, steps: int, warmup: i
     return steps * batch / (time.perf_counter() - marks["start"])
 
 
+def _hf_default(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` as Hugging Face builds it: the feature encoder marks the waveform requires_grad in training."""
+    model.wav2vec2.feature_extractor._requires_grad = any(
+        p.requires_grad for p in model.wav2vec2.feature_extractor.parameters())
+    return model
+
+
+def _median_range(values: list[float]) -> tuple[float, float, float]:
+    values = sorted(values)
+    return statistics.median(values), values[0], values[-1]
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="wav2vec2-base")
@@ -83,13 +99,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="timed steps per loop (default: 20 on CUDA, 3 on the CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 on CUDA, 1 on the CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each loop, interleaved (median and range)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     batch = args.batch_size if args.batch_size is not None else (32 if cuda else 4)
     steps = args.steps if args.steps is not None else (20 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-    for flag, value in (("--batch-size", batch), ("--steps", steps), ("--warmup", warmup)):
+    for flag, value in (("--batch-size", batch), ("--steps", steps), ("--warmup", warmup),
+                        ("--repeats", args.repeats)):
         if value < 1:  # ours() starts its clock at the end of step `warmup`
             p.error(f"{flag} must be >= 1, got {value}")
     if args.threads:
@@ -99,28 +117,41 @@ def main(argv: list[str] | None = None) -> dict:
     clips = Clips(torch.randn(n, SAMPLE_RATE, generator=gen) * 0.1, torch.randint(0, 12, (n,), generator=gen))
     spec = ModelSpec(name=args.model)
 
-    model = build_model(spec)
-    params = parameter_count(model)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    ours_sps = ours(model, clips, batch, steps, warmup, device)
-    ours_peak = _peak_mb(device)
-    del model
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    base_sps = bare_loop(build_model(spec), clips, batch, steps, warmup, device)
-    base_peak = _peak_mb(device) if cuda else None  # RSS peaks never go down: no separate figure on the CPU
+    params = parameter_count(build_model(spec))
+    runs: dict[str, list[float]] = {"ours": [], "bare": [], "hf_default": []}
+    ours_peak, base_peak = 0.0, None
+    for _ in range(args.repeats):
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        runs["ours"].append(ours(build_model(spec), clips, batch, steps, warmup, device))
+        ours_peak = max(ours_peak, _peak_mb(device))
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        runs["bare"].append(bare_loop(build_model(spec), clips, batch, steps, warmup, device))
+        if cuda:  # RSS peaks never go down: no separate figure on the CPU
+            base_peak = max(base_peak or 0.0, _peak_mb(device))
+        runs["hf_default"].append(bare_loop(_hf_default(build_model(spec)), clips, batch, steps, warmup, device))
+    ours_sps, base_sps, hf_sps = (_median_range(runs[k]) for k in ("ours", "bare", "hf_default"))
 
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     precision = "bf16 autocast" if cuda else "fp32"
-    print(f"{args.model} ({params / 1e6:.1f} M parameters), batch {batch} x 1 s, {steps} timed steps on {name}")
-    print(f"{'loop':<34}{'samples/s':>11}{'peak MB':>10}")
-    print(f"{'mqfed train() (' + precision + ')':<34}{ours_sps:>11.1f}{ours_peak:>10.0f}")
-    print(f"{'bare fp32 loop':<34}{base_sps:>11.1f}{'' if base_peak is None else f'{base_peak:.0f}':>10}")
-    summary = {"model": args.model, "device": name, "batch_size": batch, "params": params,
-               "samples_per_s": round(ours_sps, 2), "baseline_samples_per_s": round(base_sps, 2),
-               "ratio": round(ours_sps / base_sps, 3), "peak_mem_mb": round(ours_peak),
+    print(f"{args.model} ({params / 1e6:.1f} M parameters), batch {batch} x 1 s, {steps} timed steps on {name}, "
+          f"{args.repeats} repeats (median, range)")
+    print(f"{'loop':<50}{'samples/s':>24}{'peak MB':>10}")
+    for label, (med, low, high), peak in (
+            (f"mqfed train() ({precision})", ours_sps, f"{ours_peak:.0f}"),
+            ("bare fp32 loop", base_sps, "" if base_peak is None else f"{base_peak:.0f}"),
+            ("bare fp32 loop, Hugging Face's waveform gradient", hf_sps, "")):
+        print(f"{label:<50}{f'{med:.1f} ({low:.1f}-{high:.1f})':>24}{peak:>10}")
+    summary = {"model": args.model, "device": name, "batch_size": batch, "params": params, "repeats": args.repeats,
+               "samples_per_s": round(ours_sps[0], 2), "baseline_samples_per_s": round(base_sps[0], 2),
+               "ratio": round(ours_sps[0] / base_sps[0], 3),
+               "hf_default_samples_per_s": round(hf_sps[0], 2), "hf_default_ratio": round(base_sps[0] / hf_sps[0], 3),
+               "samples_per_s_range": [round(v, 2) for v in ours_sps[1:]],
+               "baseline_range": [round(v, 2) for v in base_sps[1:]],
+               "hf_default_range": [round(v, 2) for v in hf_sps[1:]], "peak_mem_mb": round(ours_peak),
                "baseline_peak_mem_mb": None if base_peak is None else round(base_peak), "precision": precision}
     print(json.dumps(summary))
     return summary

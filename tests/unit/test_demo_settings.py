@@ -12,6 +12,7 @@ def test_demo_settings_are_a_valid_experiment():
     # float16, random equalisation the only augmentation, the learning rate decayed by version
     assert cfg.tasks.codec == "fp16" and cfg.local.eq_db == 10.0 and cfg.local.augments
     assert not (cfg.local.speed or cfg.local.gain_db or cfg.local.noise_snr_db or cfg.local.time_masks)
-    assert cfg.tasks.lr_decay == "cosine" and cfg.tasks.lr_decay_versions == 100 and cfg.local.learning_rate == 3e-3
+    assert cfg.tasks.lr_decay == "cosine" and cfg.tasks.lr_decay_versions == 300 and cfg.local.learning_rate == 3e-3
     assert cfg.model.name == "kws-fast"  # the preset with 1.8x kws-tiny's training speed
     assert cfg.local.keep_optimizer  # each worker's AdamW moments kept from task to task
+    assert cfg.fedbuff.buffer_size == 1 and cfg.tasks.eval_every == 8  # each update a version, every 8th evaluated
