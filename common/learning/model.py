@@ -38,7 +38,7 @@ _LABELS: dict[str, Any] = dict(num_labels=len(KS_LABELS), label2id=dict(LABEL2ID
 # A four-layer feature encoder on raw 16 kHz audio (kernels 40/8/4/4, strides 20/4/2/2: 2.5 ms windows
 # every 1.25 ms, then 5, 10 and 20 ms frames; ~2.4x the training throughput of the wav2vec2 7-layer
 # stack at 32 channels), one pre-LN transformer layer 128 wide, a 128-wide classifier projection.
-# 0.23 M parameters, ~690 clips/s of training on 2 idle CPU threads (batch 32). On the synthetic corpus
+# 0.23 M parameters, ~470 clips/s of `train()` on one idle CPU thread (batch 32). On the synthetic corpus
 # (12000 training clips, unheard voices, tests/benchmarks/centralized.py defaults: AdamW 3e-3, cosine over
 # 4000 steps, label smoothing 0.1): 88% test accuracy after 1000 steps, 95% after 2000, 97% after 4000 (245 s).
 _KWS_TINY: dict[str, Any] = dict(
@@ -53,8 +53,8 @@ _KWS_TINY: dict[str, Any] = dict(
 PRESETS: dict[str, dict[str, Any]] = {
     "kws-tiny": _KWS_TINY,
     # kws-tiny with a first convolution twice as long at twice the stride (5 ms windows every 2.5 ms, so 40 ms
-    # frames): 1.8x kws-tiny's training steps per second on one CPU thread (56 against 101 ms per step of 32),
-    # 1,280 parameters more. The demo's model: in about the same training time it ends as accurate on the test
+    # frames): 1.7x kws-tiny's `train()` steps per second on one CPU thread (818 against 472 clips/s, batch 32,
+    # tests/benchmarks/worker_throughput.py), 1,280 parameters more. The demo's model: in about the same training time it ends as accurate on the test
     # split and about 2.5 points higher on test_unseen (README, Data and model).
     "kws-fast": {**_KWS_TINY, "conv_kernel": (80, 8, 4, 4), "conv_stride": (40, 4, 2, 2)},
     # The base architecture (Wav2Vec2Config defaults), random init.
@@ -112,7 +112,9 @@ def _no_waveform_gradient(model: PreTrainedModel) -> None:
     Hugging Face's `Wav2Vec2FeatureEncoder` marks the raw waveform `requires_grad` (for its reentrant gradient
     checkpointing, which mqfed does not use), so every backward pass also computes a gradient for each of the
     batch's 16000 input samples that nothing reads: a third of a kws-fast training step on the CPU. The weights'
-    gradients are the same without it (tests/unit/test_model.py). A model without that encoder is left as is.
+    gradients are the same without it (tests/unit/test_model.py). A model without that encoder is left as is. A
+    caller that turns on reentrant gradient checkpointing (`use_reentrant=True`; transformers' default is not) must
+    set the flag back, or the first convolution gets no gradient.
     """
     encoder = getattr(getattr(model, "wav2vec2", None), "feature_extractor", None)
     if encoder is not None and hasattr(encoder, "_requires_grad"):
