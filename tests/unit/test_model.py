@@ -80,7 +80,7 @@ def test_freeze_feature_encoder_leaves_the_conv_encoder_without_grad():
 
 def test_training_asks_no_gradient_of_the_input_audio_and_the_weights_get_the_same_gradients():
     """build_model stops the feature encoder from marking the waveform `requires_grad` (a third of a kws-fast step
-    on the CPU, module doc); every weight's gradient is what Hugging Face's default computes, to the number."""
+    on the CPU, module doc); every weight's gradient is what Hugging Face's default computes, to float rounding."""
     x, y = torch.randn(4, 16_000, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 3, 7, 11])
     seen = []
 
