@@ -54,8 +54,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "kws-tiny": _KWS_TINY,
     # kws-tiny with a first convolution twice as long at twice the stride (5 ms windows every 2.5 ms, so 40 ms
     # frames): 1.7x kws-tiny's `train()` steps per second on one CPU thread (818 against 472 clips/s, batch 32,
-    # tests/benchmarks/worker_throughput.py), 1,280 parameters more. The demo's model: in about the same training time it ends as accurate on the test
-    # split and about 2.5 points higher on test_unseen (README, Data and model).
+    # tests/benchmarks/worker_throughput.py), 1,280 parameters more. The demo's model: in about the same training
+    # time it ends as accurate on the test split and about 2.5 points higher on test_unseen (README, Data and model).
     "kws-fast": {**_KWS_TINY, "conv_kernel": (80, 8, 4, 4), "conv_stride": (40, 4, 2, 2)},
     # The base architecture (Wav2Vec2Config defaults), random init.
     "wav2vec2-base": dict(),

@@ -10,8 +10,9 @@ else) on the model as `build_model` makes it. On CUDA the ratio is what bf16 aut
 together; on the CPU (no autocast) it is the cost of the extras. A third row is the bare loop on the model as
 Hugging Face makes it, whose feature encoder also computes the gradient of the input waveform
 (`build_model` turns that off: common/learning/model.py); `hf_default_ratio` is the bare loop's speed over
-it. The loops run `--repeats` times, interleaved; each figure is the median, with the range. The model is a preset (`wav2vec2-base`: the base architecture, 94.4 M parameters,
-random init, nothing downloaded; `kws-tiny`) or anything `common.learning.model.build_model` takes. `--warmup` steps
+it. The loops run `--repeats` times, interleaved; each figure is the median, with the range. The model is a
+preset (`wav2vec2-base`: the base architecture, 94.4 M parameters, random init, nothing downloaded; `kws-tiny`)
+or anything `common.learning.model.build_model` takes. `--warmup` steps
 of each loop are not timed (CUDA kernels, allocator). Peak memory: `torch.cuda.max_memory_allocated` on
 CUDA, the process's peak RSS on the CPU (for mqfed's loop only: it ran first, and RSS peaks never go down). Prints a table, then one JSON line
 {"model", "device", "samples_per_s", "baseline_samples_per_s", "ratio", "hf_default_ratio", "peak_mem_mb", ...}.
