@@ -405,7 +405,7 @@ def _queue_reader(topo: topology.Topology) -> QueueReader:
 
 def snapshot(args: argparse.Namespace, topo: topology.Topology) -> int:
     """Listen for --seconds, print the view once."""
-    from common.transport.connection import connect
+    from common.transport.connection import close_quietly, connect
 
     state = WatchState(args.experiment)
     conn = connect("status", device=args.experiment, attempts=3)
@@ -418,8 +418,9 @@ def snapshot(args: argparse.Namespace, topo: topology.Topology) -> int:
             state.saw_version(store.newest.version)
         reader = _queue_reader(topo)
         queues = reader.read(conn)
+        store.unfollow()
     finally:
-        conn.close()
+        close_quietly(conn)
     note = "" if state.trainers else f"(no worker heartbeat in {args.seconds:.0f} s)"
     print("\n".join(render_screen(state, queues, time.time(), source=reader.source, note=note, shards=True)))
     return 0

@@ -157,6 +157,7 @@ class ModelStore:
         self.chunk_size, self.prefetch, self.index_wait_s = chunk_size, prefetch, index_wait_s
         self.confirm_window = confirm_window
         self.newest: messages.ModelVersion | None = None  # see `follow`
+        self._following = None  # the channel `follow` consumes the index on
 
     # -- reading streams -------------------------------------------------------------------------------
     def _read_stream(self, queue: str, offset, wait_s: float, prefetch: int):
@@ -224,6 +225,14 @@ class ModelStore:
                     self.newest = msg
 
         channel.basic_consume(self.names.model_index, deliver, arguments={"x-stream-offset": "last"})
+        self._following = channel
+
+    def unfollow(self) -> None:
+        """Stop `follow`: close its channel without rejecting the deliveries pika still buffers (a stream
+        answers basic.reject by closing the connection, see `_read_stream`), so the connection closes cleanly."""
+        if self._following is not None:
+            _close_without_reject(self._following)
+            self._following = None
 
     def latest(self) -> messages.ModelVersion | None:
         anns = []

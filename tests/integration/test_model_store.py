@@ -109,3 +109,34 @@ def test_the_cache_keeps_only_the_newest_versions_it_is_allowed(connection, topo
         assert reader.fetch(v).path.read_bytes() == _payload(v)
     cached = sorted(p.name for p in (tmp_path / "worker" / topo.experiment).glob("model-v*.bin"))
     assert cached == ["model-v00000004.bin", "model-v00000005.bin"]
+
+
+@pytest.mark.parametrize("unfollow", [True, False])
+def test_a_follower_closes_cleanly_with_announcements_still_buffered_only_after_unfollow(connection, topo, unfollow):
+    """`follow` deliveries that pika buffered but did not dispatch yet are rejected by a plain channel close,
+    and a stream answers a reject by closing the connection (what `mqfed-coordinator status` once died of);
+    `unfollow` closes the channel without rejecting them, so the connection closes cleanly."""
+    from common.transport.connection import connect
+
+    ch = connection.channel()
+    ch.confirm_delivery()
+    publisher = ModelStore(ch, topo, chunk_size=64 * 1024)
+    for v in range(1, 4):
+        publisher.publish(v, _payload(v))
+    conn = connect("test", device="pytest-follower", attempts=3)
+    try:
+        follower = ModelStore(conn.channel(), topo)
+        follower.follow(conn.channel())
+        time.sleep(0.5)
+        conn.channel()  # a blocking round trip: the index deliveries arrive and wait in pika's buffer
+        assert follower.newest is None  # none dispatched
+        if unfollow:
+            follower.unfollow()
+            conn.close()
+            assert conn.is_closed
+        else:
+            with pytest.raises(pika.exceptions.ConnectionClosedByBroker, match="basic.nack and basic.reject"):
+                conn.close()
+    finally:
+        if conn.is_open:
+            conn.close()
